@@ -1,0 +1,3 @@
+"""janus: Janus-style unified multimodal models (image understanding and generation) in plain PyTorch."""
+
+__version__ = "0.1.0"
