@@ -1,0 +1,137 @@
+"""Tiny, deterministic tokenizers for tests and toy training runs, built offline.
+
+Both carry the DeepSeek special tokens (DESIGN.md §2) so the processing code and transformers' Janus
+processor can be exercised without downloading anything. Heavy libraries are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+# The tiny model preset's vocab_size: ids must never exceed its embedding table.
+TINY_VOCAB_SIZE = 512
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+_SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
+_SIZES = ("small", "large")
+_PLACES = ("left of", "right of", "above", "below")
+_COUNTS = ("one", "two", "three", "four", "five")
+_CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def tiny_corpus() -> list[str]:
+    """A fixed English corpus about coloured shapes, chat turns and simple questions and answers."""
+    lines = []
+    for i, colour in enumerate(_COLOURS):
+        for j, shape in enumerate(_SHAPES):
+            size = _SIZES[(i + j) % len(_SIZES)]
+            other_colour = _COLOURS[(i + 3) % len(_COLOURS)]
+            other_shape = _SHAPES[(j + 1) % len(_SHAPES)]
+            place = _PLACES[(i * j) % len(_PLACES)]
+            count = _COUNTS[(i + 2 * j) % len(_COUNTS)]
+            corner = _CORNERS[(i + j) % len(_CORNERS)]
+            grid = 2 + (i + j) % 7
+            lines += [
+                f"A {size} {colour} {shape} is {place} a {other_colour} {other_shape}.",
+                f"<|User|>: What colour is the {shape}?\n\n<|Assistant|>: The {shape} is {colour}.",
+                f"User: How many {colour} shapes are there?\n\nAssistant: There are {count}.",
+                f"Question: Where is the {colour} {shape}? Answer: It is {place} the {other_shape}.",
+                f"Draw {count} {size} {colour} {shape}s on a grey background.",
+                f"Describe the picture. The image shows a {colour} {shape} in the {corner} corner of a "
+                f"{grid}x{grid} grid, next to {count} smaller {other_colour} shapes.",
+                f"Is there a {colour} {shape} in this image? {'Yes' if (i + j) % 2 else 'No'}, "
+                f"{'there is exactly one' if (i + j) % 2 else 'there is not'}.",
+            ]
+    lines.append(
+        "You are a helpful language and vision assistant. You are able to understand the visual content "
+        "that the user provides, and assist the user with a variety of tasks using natural language."
+    )
+    return lines
+
+
+def save_tiny_tokenizer(directory: str | Path) -> Path:
+    """Write a byte-level BPE tokenizer with exactly TINY_VOCAB_SIZE tokens in the Hugging Face layout.
+
+    Loads with our `Tokenizer.from_dir` and with `transformers.AutoTokenizer`; both prepend BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from janus.processing.tokenizer import BOI_TOKEN, BOS_TOKEN, EOI_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+    from janus.processing.tokenizer import SPECIAL_TOKENS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS.values()),  # ids 0..5: BOS, EOS, pad, image, BOI, EOI
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
+    if tokenizer.get_vocab_size() != TINY_VOCAB_SIZE:
+        raise RuntimeError(f"tiny tokenizer has {tokenizer.get_vocab_size()} tokens, expected {TINY_VOCAB_SIZE}")
+    # The DeepSeek tokenizer prepends BOS in its post-processor.
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+    # transformers 5 exposes the named entries of a dict `extra_special_tokens` as attributes
+    # (tokenizer.image_token, .boi_token, .eoi_token), which JanusProcessor reads.
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "extra_special_tokens": {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+    }
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+    return directory
+
+
+def save_tiny_sentencepiece(directory: str | Path) -> Path:
+    """Write `tokenizer.model`: a sentencepiece BPE model with byte fallback and the same special tokens.
+
+    All six specials are user-defined symbols rather than control symbols, so that they are parsed
+    atomically from text: the chat template writes the EOS token after every assistant turn.
+    """
+    import sentencepiece as spm
+
+    from janus.processing.tokenizer import SPECIAL_TOKENS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()  # rather than model_prefix, which would record the directory in the file
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=TINY_VOCAB_SIZE,
+        user_defined_symbols=list(SPECIAL_TOKENS.values()),
+        unk_id=0,
+        bos_id=-1,  # BOS/EOS/pad are the user-defined DeepSeek tokens above
+        eos_id=-1,
+        pad_id=-1,
+        byte_fallback=True,  # any text (emoji, CJK) is encodable
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # NFKC would rewrite the full-width bars in the specials
+        add_dummy_prefix=False,  # like the byte-level tokenizer: text round-trips exactly
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return directory
