@@ -77,19 +77,20 @@ def unconditional(prompt: list[int], pad_id: int) -> list[int]:
 
 
 def prefill_shared(model: JanusModel, rows: list[list[int]], pad_id: int, max_len: int):
-    """Prefill each distinct row once, then give every row its own cache copy of `max_len` slots.
+    """Prefill each distinct row once, then copy its keys/values to every row that shares it.
 
-    Returns the last hidden state [B, D], key validity [B, L] and next RoPE position [B] per row.
+    Sets up a cache of len(rows) x max_len slots. Returns the last hidden state [B, D], key validity
+    [B, L] and next RoPE position [B] per row.
     """
     device = model.decoder.embed_tokens.weight.device
-    distinct = list(dict.fromkeys(map(tuple, rows)))
-    row_of = torch.tensor([distinct.index(tuple(r)) for r in rows], device=device)
+    distinct = {r: i for i, r in enumerate(dict.fromkeys(map(tuple, rows)))}
+    row_of = torch.tensor([distinct[tuple(r)] for r in rows], device=device)
     tokens, valid, positions = left_pad([list(r) for r in distinct], pad_id, device)
     length = tokens.shape[1]
     slots = torch.arange(length, device=device)
-    model.decoder.setup_cache(len(distinct), length)
+    model.decoder.setup_cache(len(rows), max_len)
     hidden = model.decoder(model.embed(tokens), positions, padded_causal_mask(valid, slots), slots)[:, -1]
-    model.decoder.expand_cache(row_of, max_len)
+    model.decoder.share_prefix(row_of, length)
     return hidden[row_of], valid[row_of], positions[row_of, -1] + 1
 
 
@@ -117,31 +118,31 @@ def generate_image_codes(
     """Codes [len(prompts), num_tokens] for prompts that end with <begin_of_image>, one image each.
 
     cfg_weight == 1 is plain conditional sampling, so the unconditional rows are skipped.
-    `static_cache_reads` makes every step read the whole cache (fixed shapes for CUDA graphs).
+    `static_cache_reads` makes every step read the whole cache, whose length is rounded up to a
+    multiple of 64 so that few shapes occur (fixed shapes for CUDA graphs).
     """
     n_tokens = model.cfg.vq.num_tokens
     guided = cfg_weight != 1
     rows = prompts + [unconditional(p, pad_id) for p in prompts] if guided else prompts
     max_len = max(len(p) for p in prompts) + n_tokens
+    if static_cache_reads:
+        max_len = -(-max_len // 64) * 64
     hidden, valid, positions = prefill_shared(model, rows, pad_id, max_len)
     prefix = valid.shape[1]
-    key_valid = torch.cat([valid, valid.new_ones(len(rows), n_tokens)], dim=1)
+    key_valid = torch.cat([valid, valid.new_ones(len(rows), max_len - prefix)], dim=1)
     logits = model.image_logits(hidden).float()
     codes = torch.empty(len(prompts), n_tokens, dtype=torch.long, device=hidden.device)
-    try:
-        for i in range(n_tokens):
-            token = sample(cfg_mix(logits, cfg_weight) if guided else logits, sampling, generator)
-            codes[:, i] = token
-            if on_step is not None:
-                on_step()
-            if i == n_tokens - 1:
-                break
-            slot = prefix + i
-            reads = key_valid if static_cache_reads else key_valid[:, : slot + 1]
-            slot_t = torch.tensor([slot], device=hidden.device)
-            logits = step_fn(model, token.repeat(2) if guided else token, positions + i, slot_t, reads)
-    finally:
-        model.decoder.drop_cache()
+    for i in range(n_tokens):
+        token = sample(cfg_mix(logits, cfg_weight) if guided else logits, sampling, generator)
+        codes[:, i] = token
+        if on_step is not None:
+            on_step()
+        if i == n_tokens - 1:
+            break
+        slot = prefix + i
+        reads = key_valid if static_cache_reads else key_valid[:, : slot + 1]
+        slot_t = torch.tensor([slot], device=hidden.device)
+        logits = step_fn(model, token.repeat(2) if guided else token, positions + i, slot_t, reads)
     return codes
 
 
@@ -155,26 +156,25 @@ def generate_text(
     eos_id: int | None,
     sampling: Sampling,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[int]:
-    """Yield the answer's token ids one by one for a single prompt [1, T] (stops after EOS)."""
+    """Yield the answer's token ids one by one for a single prompt [1, T] (stops after EOS).
+
+    `vocab_size` excludes the head's rows past the tokenizer's vocabulary (checkpoints pad the head).
+    """
     device = tokens.device
     length = tokens.shape[1]
     model.decoder.setup_cache(1, length + max_new_tokens)
-    try:
-        slots = torch.arange(length, device=device)
-        valid = torch.ones(1, length + max_new_tokens, dtype=torch.bool, device=device)
-        h = model.embed(tokens, image_mask, pixels)
-        mask = padded_causal_mask(valid[:, :length], slots)
-        hidden = model.decoder(h, slots[None], mask, slots)[:, -1]
-        for i in range(max_new_tokens):
-            token = sample(model.text_logits(hidden).float(), sampling, generator)
-            token_id = int(token)  # the caller needs it now: stop test and streaming
-            yield token_id
-            if token_id == eos_id:
-                return
-            slot = length + i
-            x = model.decoder.embed_tokens(token)[:, None]
-            mask = valid[:, None, None, : slot + 1]
-            hidden = model.decoder(x, torch.tensor([[slot]], device=device), mask, torch.tensor([slot], device=device))[:, -1]
-    finally:
-        model.decoder.drop_cache()
+    slots = torch.arange(length, device=device)
+    valid = torch.ones(1, length + max_new_tokens, dtype=torch.bool, device=device)
+    h = model.embed(tokens, image_mask, pixels)
+    hidden = model.decoder(h, slots[None], padded_causal_mask(valid[:, :length], slots), slots)[:, -1]
+    for i in range(max_new_tokens):
+        token = sample(model.text_logits(hidden)[:, :vocab_size].float(), sampling, generator)
+        token_id = int(token)  # the caller needs it now: stop test and streaming
+        yield token_id
+        if token_id == eos_id:
+            return
+        slot = torch.tensor([length + i], device=device)
+        x = model.decoder.embed_tokens(token)[:, None]
+        hidden = model.decoder(x, slot[None], valid[:, None, None, : length + i + 1], slot)[:, -1]

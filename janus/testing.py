@@ -135,3 +135,37 @@ def save_tiny_sentencepiece(directory: str | Path) -> Path:
     )
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     return directory
+
+
+def randomize(model, seed: int = 0) -> None:
+    """Weights far from init defaults (norm scales near 1, the rest N(0, 0.2)), so tests of equality
+    cannot pass by symmetry and tiny models produce varied, not collapsed, token sequences."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                mean = 1.0 if "norm" in name else 0.0
+                p.copy_(mean + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def save_tiny_checkpoint(directory: str | Path, seed: int = 0, layout: str = "native", **decoder_overrides) -> Path:
+    """A random-weight model of the `tiny` preset with the tiny tokenizer, saved in `layout`."""
+    import dataclasses
+    import tempfile
+
+    from .checkpoint import save_model
+    from .models.config import JanusConfig
+    from .models.unified import JanusModel
+
+    cfg = JanusConfig.preset("tiny")
+    cfg.decoder = dataclasses.replace(cfg.decoder, **decoder_overrides)
+    model = JanusModel(cfg).eval()
+    randomize(model, seed)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        save_tiny_tokenizer(tokenizer_dir)
+        image_id = 3  # <image_placeholder> in the tiny vocabulary
+        return save_model(model, directory, layout, extra_files_from=tokenizer_dir, image_token_id=image_id)

@@ -13,21 +13,10 @@ import transformers
 from janus.checkpoint import load_model, save_model
 from janus.models.config import JanusConfig
 from janus.sampling import Sampling, generate_image_codes, generate_text
+from janus.testing import randomize
 
 # Token ids of the tiny vocabulary used here (the model needs no tokenizer).
 BOS, EOS, PAD, IMAGE, BOI, EOI = 0, 1, 2, 3, 4, 5
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights far from init defaults, so equal outputs cannot come from symmetric weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                mean = 1.0 if "norm" in name else 0.0
-                p.copy_(mean + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")

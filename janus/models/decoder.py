@@ -54,9 +54,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
-        return self.k, self.v
+        """Write at `cache_pos` of the first k.shape[0] rows (a call may use fewer rows than allocated)."""
+        b = k.shape[0]
+        self.k[:b].index_copy_(2, cache_pos, k)
+        self.v[:b].index_copy_(2, cache_pos, v)
+        return self.k[:b], self.v[:b]
 
 
 class Attention(nn.Module):
@@ -116,22 +118,22 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate the key/value cache once for `batch` rows of up to `max_len` positions."""
+        """Allocate the key/value cache for `batch` rows of `max_len` slots; an existing cache of that
+        shape is kept, so a compiled step keeps seeing the same buffers."""
+        if self.cache_shape == (batch, max_len):
+            return
         p = self.embed_tokens.weight
         for layer in self.layers:
             attn = layer.self_attn
             attn.cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
 
-    def expand_cache(self, rows: Tensor, max_len: int) -> None:
-        """Replace the cache by one of `len(rows)` rows and `max_len` slots whose row i starts as a copy
-        of the current row `rows[i]`: a prefix computed once serves every row that shares it."""
+    def share_prefix(self, rows: Tensor, length: int) -> None:
+        """Make the first `length` slots of cache row i a copy of row `rows[i]`: a prefix computed
+        once (in the first rows) serves every row that shares it."""
         for layer in self.layers:
-            old = layer.self_attn.cache
-            n = min(old.k.shape[2], max_len)
-            new = KVCache(len(rows), old.k.shape[1], max_len, old.k.shape[3], old.k.dtype, old.k.device)
-            new.k[:, :, :n] = old.k[rows, :, :n]
-            new.v[:, :, :n] = old.v[rows, :, :n]
-            layer.self_attn.cache = new
+            cache = layer.self_attn.cache
+            for buf in (cache.k, cache.v):
+                buf[: len(rows), :, :length] = buf[rows, :, :length]
 
     def drop_cache(self) -> None:
         for layer in self.layers:

@@ -1,0 +1,242 @@
+"""`janus.load()` and the user-facing `Janus` object: image generation and chat."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_model
+from .models.unified import JanusModel
+from .processing.chat import DEFAULT_SYSTEM_PROMPT, expand_image_tokens, generation_prompt, render_chat
+from .processing.image import load_image, preprocess_understanding, to_pil
+from .processing.tokenizer import IMAGE_TOKEN, StreamDecoder, Tokenizer
+from .sampling import Sampling, generate_image_codes, generate_text, image_step
+
+ImageInput = str | Path | Image.Image
+# The built-in default model ships inside the package once it is trained (see the README).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class Janus:
+    """A loaded model with its tokenizer: text-to-image generation and multimodal chat."""
+
+    def __init__(self, model: JanusModel, tokenizer: Tokenizer, compile: bool | None = None):
+        if tokenizer.vocab_size > model.cfg.decoder.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.cfg.decoder.vocab_size}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        self.device = model.decoder.embed_tokens.weight.device
+        # On CUDA the one-token step is compiled and captured as a CUDA graph; it then reads the whole
+        # cache each step so its shapes never change.
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self._step = torch.compile(image_step, mode="reduce-overhead", fullgraph=True) if self.compiled else image_step
+
+    # ------------------------------------------------------------ generation
+
+    def generate_image_tokens(
+        self,
+        prompt: str | Sequence[str],
+        n: int = 1,
+        cfg_weight: float = 5.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """VQ codes [len(prompts) * n, num_image_tokens], n per prompt in prompt order.
+
+        `batch_size` caps how many images run at once (default: as many as fit in memory).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if not cfg_weight >= 0:
+            raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
+        sampling = Sampling(temperature, top_k, top_p)
+        sampling.validate()
+        rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n)]
+        longest = max(map(len, rows)) + self.cfg.vq.num_tokens
+        if longest > self.cfg.decoder.max_seq_len:
+            raise ValueError(f"prompt too long: {longest} positions with the image, the model allows {self.cfg.decoder.max_seq_len}")
+        chunk = batch_size or self._images_per_batch(longest, cfg_weight != 1)
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        bar = tqdm(total=len(rows) * self.cfg.vq.num_tokens, unit="tok", disable=not progress, desc="generating")
+        codes = []
+        with bar:
+            try:
+                for start in range(0, len(rows), chunk):
+                    batch = rows[start : start + chunk]
+                    codes.append(
+                        generate_image_codes(
+                            self.model, batch, self.tokenizer.pad_id, cfg_weight, sampling, generator,
+                            step_fn=self._step, static_cache_reads=self.compiled, on_step=lambda k=len(batch): bar.update(k),
+                        )
+                    )
+            finally:
+                self._release_cache()
+        return torch.cat(codes)
+
+    def generate_image(self, prompt: str | Sequence[str], n: int = 1, **kwargs) -> list[Image.Image]:
+        """n images per prompt (same keyword arguments as `generate_image_tokens`)."""
+        return self.decode_image_tokens(self.generate_image_tokens(prompt, n, **kwargs))
+
+    @torch.no_grad()
+    def decode_image_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """VQ codes [B, num_image_tokens] -> B PIL images."""
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        images = []
+        for start in range(0, len(tokens), 8):  # the VQ decoder's activations are large at full size
+            images += to_pil(self.model.vq.decode(tokens[start : start + 8]).float())
+        return images
+
+    def _images_per_batch(self, seq_len: int, guided: bool) -> int:
+        """Images per batch such that their KV cache takes at most half the free accelerator memory."""
+        if self.device.type != "cuda":
+            return 16
+        dec = self.cfg.decoder
+        itemsize = self.model.decoder.embed_tokens.weight.element_size()
+        per_row = 2 * dec.n_layers * dec.n_kv_heads * dec.head_dim * seq_len * itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, math.floor(free / 2 / (per_row * (2 if guided else 1))))
+
+    # ------------------------------------------------------------ chat
+
+    def chat(
+        self,
+        message: str,
+        images: Sequence[ImageInput] | None = None,
+        history: Sequence[dict] | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """Answer `message` about `images`, after earlier turns in `history`.
+
+        history: `{"role": "user"|"assistant", "content": str, "images": [...]}` dicts, alternating from
+        a user turn (images optional). A message without `<image_placeholder>` gets one per image
+        in front. Returns the answer, or an iterator of text pieces when `stream=True`.
+        """
+        if not isinstance(message, str) or not message.strip():
+            raise ValueError("message must be a non-empty string")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        sampling = Sampling(temperature, None, top_p)
+        sampling.validate()
+        turns = [*(history or []), {"role": "user", "content": message, "images": list(images or [])}]
+        tokens, pixels = self._chat_inputs(turns)
+        if tokens.shape[1] + max_new_tokens > self.cfg.decoder.max_seq_len:
+            raise ValueError(
+                f"conversation too long: {tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens "
+                f"exceed the model's {self.cfg.decoder.max_seq_len} positions"
+            )
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        ids = generate_text(
+            self.model, tokens, tokens == self.tokenizer.image_id, pixels, max_new_tokens,
+            self.tokenizer.eos_id, sampling, generator, self.tokenizer.vocab_size,
+        )
+        pieces = self._stream_text(ids)
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, ids: Iterator[int]) -> Iterator[str]:
+        decoder = StreamDecoder(self.tokenizer)
+        try:
+            for token_id in ids:
+                if token_id == self.tokenizer.eos_id:
+                    break
+                piece = decoder.push(token_id)
+                if piece:
+                    yield piece
+        finally:
+            self._release_cache()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def _release_cache(self) -> None:
+        """Free the KV cache between calls, unless a compiled step must keep seeing the same buffers."""
+        if not self.compiled:
+            self.model.decoder.drop_cache()
+
+    def _chat_inputs(self, turns: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        messages, images = [], []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise ValueError(f"history entry {i} must be a dict with 'role' and 'content'")
+            turn_images = [load_image(im) for im in turn.get("images") or []]
+            content = turn.get("content", "")
+            if turn_images and IMAGE_TOKEN not in content:
+                content = f"{IMAGE_TOKEN}\n" * len(turn_images) + content
+            if content.count(IMAGE_TOKEN) != len(turn_images):
+                raise ValueError(f"turn {i} has {content.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {len(turn_images)} images")
+            messages.append({"role": turn.get("role"), "content": content})
+            images += turn_images
+        messages.append({"role": "assistant", "content": ""})
+        system = DEFAULT_SYSTEM_PROMPT if images else ""
+        ids = self.tokenizer.encode(render_chat(messages, self.cfg.roles, system))
+        ids = expand_image_tokens(ids, self.tokenizer, self.cfg.vision.num_patches, len(images))
+        tokens = torch.tensor([ids], device=self.device)
+        if not images:
+            return tokens, None
+        pixels = preprocess_understanding(images, self.cfg.vision.image_size).to(self.device)
+        return tokens, pixels
+
+
+def load(
+    path: str | Path | None = None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+) -> Janus:
+    """Load a checkpoint directory (official, transformers or native layout) with its tokenizer.
+
+    `path=None` loads the built-in default model. device/dtype "auto": CUDA and bfloat16 when a GPU
+    is present, else CPU and float32.
+    """
+    if path is None:
+        path = DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                "janus has no built-in default model yet (it is trained by the project's own pipeline and "
+                "not shipped in this version); pass a checkpoint directory or set JANUS_MODEL"
+            )
+    model = load_model(path, device, dtype)
+    try:
+        tokenizer = Tokenizer.from_dir(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
+    return Janus(model, tokenizer)
+
+
+_default: Janus | None = None
+
+
+def default_model() -> Janus:
+    """The model behind the module-level API: $JANUS_MODEL if set, else the built-in one (loaded once)."""
+    global _default
+    if _default is None:
+        _default = load(os.environ.get("JANUS_MODEL") or None)
+    return _default
+
+
+def generate_image(prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
+    """Generate images with the default model; see `Janus.generate_image`."""
+    return default_model().generate_image(prompt, **kwargs)
+
+
+def chat(message: str, **kwargs) -> str | Iterator[str]:
+    """Chat with the default model; see `Janus.chat`."""
+    return default_model().chat(message, **kwargs)

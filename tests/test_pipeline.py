@@ -1,0 +1,160 @@
+"""The public API and the sampler's guarantees, on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import janus
+from janus.checkpoint import CheckpointError
+from janus.sampling import Sampling, generate_image_codes, sample
+from janus.testing import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("pipe") / "tiny")
+    return janus.load(path, device="cpu", dtype="float32")
+
+
+def test_generate_image_returns_images_and_codes(pipe):
+    images = pipe.generate_image(["a red circle", "two blue squares"], n=2, seed=0)
+    assert len(images) == 4 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in images)
+    codes = pipe.generate_image_tokens("a red circle", n=3, seed=0)
+    assert codes.shape == (3, pipe.cfg.vq.num_tokens) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < pipe.cfg.vq.codebook_size
+    decoded = pipe.decode_image_tokens(codes)
+    assert len(decoded) == 3 and decoded[0].mode == "RGB"
+
+
+def test_same_seed_same_images_other_seed_differs(pipe):
+    a = pipe.generate_image_tokens(["a red circle", "a star"], n=2, seed=7)
+    b = pipe.generate_image_tokens(["a red circle", "a star"], n=2, seed=7)
+    c = pipe.generate_image_tokens(["a red circle", "a star"], n=2, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # the n images of one prompt are different samples
+
+
+def test_batched_prompts_equal_each_alone_greedy(pipe):
+    prompts = ["a red circle", "three small green triangles above a blue square", "a star"]
+    batched = pipe.generate_image_tokens(prompts, n=2, temperature=0)
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate_image_tokens(prompt, n=1, temperature=0)
+        assert torch.equal(batched[2 * i], alone[0]) and torch.equal(batched[2 * i + 1], alone[0])
+    assert not torch.equal(batched[0], batched[2])  # different prompts give different images
+    chunked = pipe.generate_image_tokens(prompts, n=2, temperature=0, batch_size=4)
+    assert torch.equal(chunked, batched)
+
+
+def _chi2_critical(df: int, z: float = 3.29) -> float:
+    """Upper 0.9995 quantile of chi-square(df) by the Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _assert_frequencies_match(samples: torch.Tensor, probs: torch.Tensor) -> None:
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * len(samples)
+    big = expected >= 5  # pool rare outcomes so every cell is large enough for the test
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expect = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = expect > 0
+    stat = float(((observed[keep] - expect[keep]) ** 2 / expect[keep]).sum())
+    assert stat < _chi2_critical(int(keep.sum()) - 1), stat
+    assert counts[probs == 0].sum() == 0
+
+
+def test_sampled_image_tokens_follow_softmax(pipe):
+    """cfg_weight=1, temperature=1: the first image token's frequencies equal the model's softmax."""
+    prompt = pipe.tokenizer.encode(janus.processing.chat.generation_prompt("a red circle", pipe.cfg.roles))
+    with torch.no_grad():
+        hidden = pipe.model(torch.tensor([prompt]))[:, -1]
+        probs = pipe.model.image_logits(hidden).float().softmax(-1)[0]
+    assert probs.max() < 0.5  # a spread distribution, so the test has power
+    generator = torch.Generator().manual_seed(0)
+    codes = generate_image_codes(pipe.model, [prompt] * 4000, pipe.tokenizer.pad_id, 1.0, Sampling(1.0), generator)
+    _assert_frequencies_match(codes[:, 0], probs)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (5, None), (None, 0.6), (8, 0.8)])
+def test_sample_top_k_top_p_distribution(top_k, top_p):
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 1.5
+    probs = (logits / 0.7).softmax(-1)
+    keep = torch.ones(40, dtype=torch.bool)
+    if top_k is not None:
+        keep &= probs >= probs.topk(top_k).values[-1]
+    if top_p is not None:  # applied to the top-k renormalised distribution, as transformers' warpers do
+        kept = torch.where(keep, probs, 0.0) / probs[keep].sum()
+        order = kept.argsort(descending=True)
+        before = kept[order].cumsum(0) - kept[order]
+        keep[order[before >= top_p]] = False
+    target = torch.where(keep, probs, 0.0)
+    target /= target.sum()
+    draws = sample(logits.expand(60000, -1), Sampling(0.7, top_k, top_p), torch.Generator().manual_seed(2))
+    _assert_frequencies_match(draws, target)
+
+
+def test_chat_answers_streams_and_takes_history(pipe, tmp_path):
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    image.save(tmp_path / "red.png")
+    answer = pipe.chat("what colour is it?", images=[tmp_path / "red.png"], max_new_tokens=12)
+    assert isinstance(answer, str) and answer
+    pieces = list(pipe.chat("what colour is it?", images=[image], max_new_tokens=12, stream=True))
+    assert "".join(pieces) == answer and len(pieces) > 1
+    history = [
+        {"role": "user", "content": "what colour is it?", "images": [image]},
+        {"role": "assistant", "content": answer},
+    ]
+    follow_up = pipe.chat("and its shape?", images=[image, image], history=history, max_new_tokens=8)
+    assert isinstance(follow_up, str)
+    sampled = [pipe.chat("hello", temperature=1.0, seed=s, max_new_tokens=10) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_chat_never_samples_past_the_tokenizer_vocabulary(tmp_path):
+    # A head wider than the tokenizer, as in real checkpoints (102400 rows, ~100k tokens).
+    pipe = janus.load(save_tiny_checkpoint(tmp_path / "wide", vocab_size=600), device="cpu", dtype="float32")
+    with torch.no_grad():
+        pipe.model.decoder.lm_head.weight[512:] = 0
+        pipe.model.decoder.lm_head.weight[512:, 0] = 100.0  # unused rows would win every step
+    for seed in range(3):
+        assert isinstance(pipe.chat("hello", temperature=1.0, seed=seed, max_new_tokens=10), str)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda p: p.generate_image(""), "non-empty"),
+        (lambda p: p.generate_image("x", n=0), "n must be"),
+        (lambda p: p.generate_image("x", temperature=-1), "temperature"),
+        (lambda p: p.generate_image("x", top_p=1.5), "top_p"),
+        (lambda p: p.generate_image("x", top_k=0), "top_k"),
+        (lambda p: p.generate_image("x", cfg_weight=-2), "cfg_weight"),
+        (lambda p: p.generate_image("word " * 600), "too long"),
+        (lambda p: p.chat("  "), "non-empty"),
+        (lambda p: p.chat("hi", max_new_tokens=0), "max_new_tokens"),
+        (lambda p: p.chat("<image_placeholder> and <image_placeholder>", images=[Image.new("RGB", (8, 8))]), "2 <image_placeholder> but 1"),
+        (lambda p: p.chat("hi", images=["/nonexistent.png"]), "nonexistent"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(pipe, call, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        call(pipe)
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(janus.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    with pytest.raises(CheckpointError, match="no built-in default model"):
+        janus.load(None)
+
+
+def test_module_level_api_uses_janus_model_env(monkeypatch, pipe, tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "env")
+    monkeypatch.setenv("JANUS_MODEL", str(path))
+    monkeypatch.setattr(janus.pipeline, "_default", None)
+    images = janus.generate_image("a red circle", seed=0)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert isinstance(janus.chat("hello", max_new_tokens=4), str)
