@@ -1,0 +1,158 @@
+"""The `janus` command: generate, chat, convert, info."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """Images side by side in a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _load(args: argparse.Namespace):
+    import janus
+
+    return janus.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _load(args)
+    images = model.generate_image(
+        args.prompt, n=args.n, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, progress=True, batch_size=args.batch_size,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"{i:03d}.png")
+    make_grid(images).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model = _load(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.question:
+        for piece in model.chat(args.question, images=args.image, stream=True, **options):
+            print(piece, end="", flush=True)
+        print()
+        return
+    # Interactive: the --image files go with the first question; an empty line or EOF ends the chat.
+    history, images = [], list(args.image)
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not question:
+            return
+        print("janus> ", end="", flush=True)
+        answer = ""
+        for piece in model.chat(question, images=images, history=history, stream=True, **options):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history += [{"role": "user", "content": question, "images": images}, {"role": "assistant", "content": answer}]
+        images = []
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import convert
+
+    print(f"wrote {convert(args.src, args.dst, args.to)} ({args.to} layout)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import WeightFiles, read_config
+    from .models.unified import JanusModel
+
+    cfg, layout = read_config(args.path)
+    files = WeightFiles(Path(args.path))
+    with torch.device("meta"):
+        model = JanusModel(cfg)
+    print(f"{args.path}: {layout} layout, {len(set(files.sources.values()))} weight file(s)")
+    d, v, q = cfg.decoder, cfg.vision, cfg.vq
+    print(f"decoder  {d.n_layers} layers, width {d.dim}, {d.n_heads} heads ({d.n_kv_heads} kv), mlp {d.intermediate_size}, vocab {d.vocab_size}")
+    print(f"vision   SigLIP {v.depth} blocks, width {v.width}, {v.image_size}px / {v.patch_size} = {v.num_patches} tokens")
+    print(f"vq       codebook {q.codebook_size} x {q.codebook_dim}, {q.image_size}px -> {q.grid_size}x{q.grid_size} = {q.num_tokens} codes")
+    print(f"roles    {cfg.roles[0]!r} / {cfg.roles[1]!r}")
+    for part, module in model.named_children():
+        n = sum(p.numel() for p in module.parameters())
+        print(f"  {part:<12} {n / 1e6:10.2f} M parameters")
+    dtypes = sorted({str(files.get(name).dtype).replace("torch.", "") for name in files.sources})
+    print(f"stored dtypes: {', '.join(dtypes)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="janus", description="Janus-style unified multimodal models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="checkpoint directory (default: $JANUS_MODEL or the built-in model)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt")
+    g.add_argument("-n", type=int, default=4, help="images to generate (default 4)")
+    g.add_argument("-o", "--output", default="out", help="output directory (default ./out)")
+    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight (default 5)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: as many as fit)")
+    model_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="ask about images; interactive when no question is given")
+    c.add_argument("question", nargs="?")
+    c.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.0)
+    model_options(c)
+    c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("convert", help="rewrite a checkpoint in another layout")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.add_argument("--to", required=True, choices=("native", "official", "transformers"))
+    v.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="describe a checkpoint directory")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError, TypeError) as e:
+        print(f"janus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
