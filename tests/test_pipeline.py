@@ -158,3 +158,17 @@ def test_module_level_api_uses_janus_model_env(monkeypatch, pipe, tmp_path):
     images = janus.generate_image("a red circle", seed=0)
     assert len(images) == 1 and images[0].size == (32, 32)
     assert isinstance(janus.chat("hello", max_new_tokens=4), str)
+
+
+def test_static_shape_step_compiles_without_graph_breaks_and_matches(pipe):
+    """The GPU path: every step reads the whole (bucketed) cache so one compiled graph serves all
+    steps. Checked here with torch.compile on CPU (CUDA graphs themselves need a GPU)."""
+    prompts = [pipe.tokenizer.encode(janus.processing.chat.generation_prompt(p, pipe.cfg.roles)) for p in ("a star", "two red circles")]
+    greedy = Sampling(temperature=0)
+    dynamic = generate_image_codes(pipe.model, prompts, pipe.tokenizer.pad_id, 5.0, greedy)
+    static = generate_image_codes(pipe.model, prompts, pipe.tokenizer.pad_id, 5.0, greedy, static_cache_reads=True)
+    compiled_step = torch.compile(janus.sampling.image_step, fullgraph=True)
+    compiled = generate_image_codes(
+        pipe.model, prompts, pipe.tokenizer.pad_id, 5.0, greedy, step_fn=compiled_step, static_cache_reads=True
+    )
+    assert torch.equal(static, dynamic) and torch.equal(compiled, dynamic)
