@@ -102,25 +102,30 @@ class JanusModel(nn.Module):
     def image_logits(self, hidden: Tensor) -> Tensor:
         return self.gen_head(hidden)
 
-    def loss(self, hidden: Tensor, targets: Tensor, target_is_code: Tensor) -> LossOutput:
-        """Next-token cross-entropy. targets[b, t] is what position t predicts (IGNORE for no loss);
-        `target_is_code` picks the image head for that target, the text head otherwise. Each head runs
-        only on the positions that need it (the text head is large)."""
+    def token_losses(self, hidden: Tensor, targets: Tensor, target_is_code: Tensor) -> Tensor:
+        """Per-position next-token cross-entropy [B, T] in float32, 0 where the target is IGNORE.
+
+        targets[b, t] is what position t predicts; `target_is_code` picks the image head for that
+        target, the text head otherwise. Each head runs only on the positions that need it (the text
+        head is large)."""
         counted = targets != IGNORE
-        text_pos, image_pos = counted & ~target_is_code, counted & target_is_code
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        text_sum = image_sum = zero
-        if text_pos.any():
-            logits = self.text_logits(hidden[text_pos]).float()
-            text_sum = F.cross_entropy(logits, targets[text_pos], reduction="sum")
-        if image_pos.any():
-            logits = self.image_logits(hidden[image_pos]).float()
-            image_sum = F.cross_entropy(logits, targets[image_pos], reduction="sum")
-        n_text, n_image = text_pos.sum(), image_pos.sum()
+        losses = hidden.new_zeros(targets.shape, dtype=torch.float32)
+        for head, positions in ((self.text_logits, counted & ~target_is_code), (self.image_logits, counted & target_is_code)):
+            if positions.any():
+                logits = head(hidden[positions]).float()
+                losses = losses.index_put((positions,), F.cross_entropy(logits, targets[positions], reduction="none"))
+        return losses
+
+    def loss(self, hidden: Tensor, targets: Tensor, target_is_code: Tensor) -> LossOutput:
+        """Mean next-token cross-entropy over all counted targets, and over text and image targets apart."""
+        losses = self.token_losses(hidden, targets, target_is_code)
+        counted = targets != IGNORE
+        text, image = counted & ~target_is_code, counted & target_is_code
+        n_text, n_image = text.sum(), image.sum()
         return LossOutput(
-            loss=(text_sum + image_sum) / (n_text + n_image).clamp(min=1),
-            text_loss=text_sum / n_text.clamp(min=1),
-            image_loss=image_sum / n_image.clamp(min=1),
+            loss=losses.sum() / (n_text + n_image).clamp(min=1),
+            text_loss=(losses * text).sum() / n_text.clamp(min=1),
+            image_loss=(losses * image).sum() / n_image.clamp(min=1),
             text_count=n_text,
             image_count=n_image,
         )
