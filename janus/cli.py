@@ -75,6 +75,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {convert(args.src, args.dst, args.to)} ({args.to} layout)")
 
 
+def cmd_tokenize_images(args: argparse.Namespace) -> None:
+    from .data.codes import tokenize_images
+
+    tokenize_images(args.data, args.model, args.out, device=args.device)
+    print(f"wrote the VQ code cache to {args.out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -133,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dst")
     v.add_argument("--to", required=True, choices=("native", "official", "transformers"))
     v.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("tokenize-images", help="VQ-encode the generation images of a data set once, for training")
+    t.add_argument("data", nargs="+", help="JSONL manifests or tar shards")
+    t.add_argument("--model", required=True, help="checkpoint whose VQ tokenizer encodes the images")
+    t.add_argument("--out", required=True, help="code cache directory (data.code_cache in a run config)")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_tokenize_images)
 
     i = sub.add_parser("info", help="describe a checkpoint directory")
     i.add_argument("path")

@@ -169,3 +169,39 @@ def save_tiny_checkpoint(directory: str | Path, seed: int = 0, layout: str = "na
         save_tiny_tokenizer(tokenizer_dir)
         image_id = 3  # <image_placeholder> in the tiny vocabulary
         return save_model(model, directory, layout, extra_files_from=tokenizer_dir, image_token_id=image_id)
+
+
+TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def write_toy_dataset(directory: str | Path) -> dict[str, list[str]]:
+    """A handful of records of each kind (understanding, text, generation) about coloured squares,
+    32 px images; returns kind -> manifest paths."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[dict]] = {"understanding": [], "text": [], "generation": []}
+    for name, rgb in TOY_COLOURS.items():
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        image.paste(rgb, (8, 8, 24, 24))
+        image.save(directory / f"{name}.png")
+        question = {"role": "user", "content": "<image_placeholder>\nWhat colour is the square?"}
+        answer = {"role": "assistant", "content": f"It is {name}."}
+        lines["understanding"].append({"kind": "understanding", "images": [f"{name}.png"], "conversation": [question, answer]})
+        lines["text"].append({"kind": "text", "text": f"A {name} square sits in the middle of a grey picture."})
+        lines["generation"].append({"kind": "generation", "caption": f"a {name} square", "image": f"{name}.png"})
+    manifests = {}
+    for kind, records in lines.items():
+        path = directory / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        manifests[kind] = [str(path)]
+    return manifests
+
+
+def make_tiny_run(root: str | Path) -> Path:
+    """What configs/tiny.yaml expects under its root: the toy data set and a random stage-0 model."""
+    root = Path(root)
+    write_toy_dataset(root / "data")
+    save_tiny_checkpoint(root / "stage0" / "export")
+    return root

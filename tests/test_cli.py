@@ -56,3 +56,13 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert err.startswith("janus: error:") and "is not a directory" in err and "Traceback" not in err
     assert main(["generate", "x", "--model", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_tokenize_images_writes_a_cache_training_can_use(ckpt, tmp_path, capsys):
+    from janus.data.codes import CodeCache
+    from janus.testing import write_toy_dataset
+
+    manifests = write_toy_dataset(tmp_path / "data")
+    assert main(["tokenize-images", *manifests["generation"], "--model", str(ckpt), "--out", str(tmp_path / "codes")]) == 0
+    cache = CodeCache.load(tmp_path / "codes")
+    assert len(cache.rows) == 4  # the four toy images

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import DecoderConfig
@@ -116,6 +117,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.checkpoint_layers = False  # training: recompute each layer in the backward pass to save memory
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Allocate the key/value cache for `batch` rows of `max_len` slots; an existing cache of that
@@ -162,5 +164,8 @@ class Decoder(nn.Module):
             raise ValueError("cached decoding needs setup_cache() and an explicit mask")
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
+            if self.checkpoint_layers and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache_pos)
         return self.norm(x)

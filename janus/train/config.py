@@ -1,0 +1,137 @@
+"""Run configuration: one YAML file names the stage, the model to start from, the data mixture, the
+optimiser and schedule, the DeepSpeed config and where checkpoints go. Unset values take the stage's
+defaults from DESIGN.md §6; `--set key.sub=value` overrides any field from the command line.
+Relative paths are relative to the working directory. Strings may use `{root}` (the config's `root`),
+`{stage}` and `{prev}` (the stage before), so one file can describe a whole three-stage run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .stages import STAGES
+
+KINDS = ("understanding", "text", "generation")
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, list[str]] = field(default_factory=dict)  # kind -> manifests (.jsonl) or shards (.tar)
+    ratios: dict[str, float] | None = None  # kind -> weight; default: the stage's und : text : gen
+    seq_len: int = 4096
+    uncond_prob: float = 0.1  # generation prompts replaced by pads, for classifier-free guidance
+    code_cache: str | None = None  # from `janus tokenize-images`; else codes are made on the fly
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # default: the stage's
+    warmup_steps: int | None = None  # default: the stage's; then constant
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimiser steps
+    micro_batch_size: int = 1  # packed rows per process per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None  # per process, for the MFU estimate; None: known GPUs only
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/run"
+    every: int = 500  # optimiser steps between checkpoints
+    keep: int = 3  # most recent checkpoints kept
+
+
+@dataclass
+class RunConfig:
+    stage: int
+    init_from: str  # a checkpoint directory (any layout, with tokenizer): stage N starts from stage N-1's export
+    root: str = "."
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: dict[str, Any] | str = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        defaults = STAGES[self.stage]
+        if self.data.ratios is None:
+            self.data.ratios = dict(zip(KINDS, defaults.ratios))
+        unknown = (set(self.data.ratios) | set(self.data.sources)) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
+        if self.optim.lr is None:
+            self.optim.lr = defaults.lr
+        if self.optim.warmup_steps is None:
+            self.optim.warmup_steps = defaults.warmup_steps
+        self.optim.betas = tuple(self.optim.betas)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed config dict; a string names a JSON/YAML file."""
+        ds = self.deepspeed
+        if isinstance(ds, str):
+            with open(ds) as f:
+                ds = yaml.safe_load(f)
+        return dict(ds)
+
+
+def _set(tree: dict, dotted: str, value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    try:
+        tree[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:  # e.g. "{root}/x": a string, not a YAML mapping
+        tree[leaf] = value
+
+
+def _fill(node: Any, names: dict[str, Any]) -> Any:
+    if isinstance(node, str):
+        return node.format(**names)
+    if isinstance(node, dict):
+        return {k: _fill(v, names) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, names) for v in node]
+    return node
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> RunConfig:
+    """Read a run config YAML, apply `key.sub=value` overrides (values parsed as YAML) and fill in
+    {root}/{stage}/{prev}. `stage` (from the entry point) is used when the file names none."""
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        _set(tree, *item.split("=", 1))
+    tree.setdefault("stage", stage)
+    if tree["stage"] is None:
+        raise ValueError(f"{path} names no stage")
+    try:
+        tree = _fill(tree, {"root": tree.get("root", "."), "stage": tree["stage"], "prev": tree["stage"] - 1})
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: bad placeholder {e}; use {{root}}, {{stage}} or {{prev}}") from None
+    sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
+    try:
+        kwargs = {k: (sections[k](**v) if k in sections else v) for k, v in tree.items()}
+        return RunConfig(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

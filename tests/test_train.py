@@ -1,0 +1,151 @@
+"""Three-stage training through DeepSpeed on CPU with the tiny config: freezing, overfitting, exact
+resume after SIGKILL, ZeRO-3 equal to ZeRO-0, and the exported model loading with janus.load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import janus
+from janus.checkpoint import load_model
+from janus.testing import make_tiny_run
+from janus.train.config import load_run_config
+from janus.train.stages import apply_stage
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {1: "stages/stage1_adaptors.py", 2: "stages/stage2_pretrain.py", 3: "stages/stage3_sft.py"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def command(stage: int, root: Path, *overrides: str, launcher: bool = False, resume: bool = False) -> list[str]:
+    script = [SCRIPTS[stage], "--config", "configs/tiny.yaml", "--set", f"root={root}"]
+    for o in overrides:
+        script += ["--set", o]
+    if resume:
+        script.append("--resume")
+    if launcher:
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "1", "--master_port", "29613", *script]
+    return [sys.executable, *script]
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def losses(run_dir: Path) -> dict[int, dict]:
+    """step -> metrics; a resumed run rewrites the steps after its checkpoint, the last line wins."""
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path, "cpu").state_dict()
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_three_stages_chain_through_the_deepspeed_launcher(tmp_path):
+    root = make_tiny_run(tmp_path / "run")
+    frozen_by_stage = {1: ("vision.", "decoder.", "vq."), 2: ("vision.", "vq."), 3: ("vq.",)}
+    trained_by_stage = {1: ("und_adaptor.", "gen_embed.", "gen_adaptor.", "gen_head."), 2: ("decoder.", "gen_head."), 3: ("vision.", "decoder.")}
+    for stage in (1, 2, 3):
+        run(command(stage, root, launcher=True))
+        before, after = weights(root / f"stage{stage - 1}" / "export"), weights(root / f"stage{stage}" / "export")
+        for prefix in frozen_by_stage[stage]:
+            assert not changed(before, after, prefix), f"stage {stage} changed frozen {prefix}"
+        for prefix in trained_by_stage[stage]:
+            assert changed(before, after, prefix), f"stage {stage} did not train {prefix}"
+        record = losses(root / f"stage{stage}")
+        assert sorted(record) == list(range(1, 7))
+        assert all(r["tokens_per_s"] > 0 for r in record.values())
+        assert (root / f"stage{stage}" / "tensorboard").is_dir()
+        assert sorted(p.name for p in (root / f"stage{stage}").glob("step-*")) == ["step-00000003", "step-00000006"]
+    model = janus.load(root / "stage3" / "export", device="cpu")
+    assert isinstance(model.chat("What colour is the square?", max_new_tokens=4), str)
+    assert len(model.generate_image("a red square", seed=0)) == 1
+
+
+def test_overfitting_a_handful_of_samples_drives_every_loss_down(tmp_path):
+    root = make_tiny_run(tmp_path / "run")
+    run(command(3, root, "init_from={root}/stage0/export", "train.steps=80", "optim.lr=0.003", "optim.warmup_steps=5", "checkpoint.every=1000"))
+    record = losses(root / "stage3")
+    for kind in ("understanding", "text", "generation"):
+        first = record[1][f"loss/{kind}"]
+        last = min(r[f"loss/{kind}"] for r in record.values() if r["step"] > 70 and r[f"loss/{kind}"] is not None)
+        assert last < first / 5, (kind, first, last)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
+    steps = ["init_from={root}/stage0/export", "train.steps=14", "checkpoint.every=4", "train.grad_accum=1"]
+    full = make_tiny_run(tmp_path / "full")
+    run(command(2, full, *steps))
+    killed = make_tiny_run(tmp_path / "killed")
+    proc = subprocess.Popen(command(2, killed, *steps), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "stage2" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "stage2" / "latest").read_text().strip() == "step-00000004"
+    run(command(2, killed, *steps, resume=True))
+    expected, got = losses(full / "stage2"), losses(killed / "stage2")
+    assert sorted(got) == list(range(1, 15))
+    assert [got[s]["loss"] for s in got] == [expected[s]["loss"] for s in got]
+    a, b = weights(full / "stage2" / "export"), weights(killed / "stage2" / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero3_trains_exactly_like_zero0(tmp_path):
+    results = {}
+    for zero in (0, 3):
+        root = make_tiny_run(tmp_path / f"zero{zero}")
+        run(command(2, root, "init_from={root}/stage0/export", "train.steps=3", f"deepspeed={{zero_optimization: {{stage: {zero}}}}}"))
+        results[zero] = (losses(root / "stage2"), weights(root / "stage2" / "export"))
+    assert [r["loss"] for r in results[0][0].values()] == pytest.approx([r["loss"] for r in results[3][0].values()], rel=1e-6)
+    a, b = results[0][1], results[3][1]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_run_config_defaults_placeholders_and_errors(tmp_path):
+    cfg = load_run_config(REPO / "configs/tiny.yaml", ["root=/data/x", "train.steps=9"], stage=2)
+    assert cfg.init_from == "/data/x/stage1/export" and cfg.checkpoint.dir == "/data/x/stage2"
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.data.ratios == {"understanding": 2, "text": 3, "generation": 5}
+    assert cfg.train.steps == 9 and cfg.optim.warmup_steps == 2  # the file's warm-up wins over the stage default
+    with pytest.raises(ValueError, match="no stage"):
+        load_run_config(REPO / "configs/tiny.yaml")
+    with pytest.raises(ValueError, match="unexpected keyword|got an unexpected"):
+        load_run_config(REPO / "configs/tiny.yaml", ["train.stepz=3"], stage=1)
+    with pytest.raises(ValueError, match="unknown data kinds"):
+        load_run_config(REPO / "configs/tiny.yaml", ["data.ratios={video: 1}"], stage=1)
+    for size in ("1b", "7b"):
+        load_run_config(REPO / f"configs/janus-pro-{size}.yaml", stage=2)
+
+
+def test_stage_freezing_policy():
+    from janus.models.config import JanusConfig
+    from janus.models.unified import JanusModel
+
+    model = JanusModel(JanusConfig.preset("tiny"))
+    expected = {1: {"und_adaptor", "gen_embed", "gen_adaptor", "gen_head"}, 2: {"und_adaptor", "gen_embed", "gen_adaptor", "gen_head", "decoder"}}
+    expected[3] = expected[2] | {"vision"}
+    for stage, trains in expected.items():
+        apply_stage(model, stage)
+        trainable = {name for name, m in model.named_children() if all(p.requires_grad for p in m.parameters())}
+        assert trainable == trains
+        assert not any(p.requires_grad for p in model.vq.parameters())
