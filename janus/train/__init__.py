@@ -1,0 +1,1 @@
+"""Training: run configs, the three stages, the loop and its checkpoints."""
