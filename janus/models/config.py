@@ -310,9 +310,14 @@ class JanusConfig:
             channel_mult=channel_mult,
             num_res_blocks=vq.get("num_res_blocks", 2),
         )
-        for key in ("projection_dim", "image_token_embed_dim"):
-            if vq.get(key, decoder.dim) != decoder.dim or vis.get("projection_dim", decoder.dim) != decoder.dim:
-                raise ConfigError(f"{key} must equal the decoder width {decoder.dim}")
+        widths = {
+            "vision_config.projection_dim": vis.get("projection_dim"),
+            "vq_config.projection_dim": vq.get("projection_dim"),
+            "vq_config.image_token_embed_dim": vq.get("image_token_embed_dim"),
+        }
+        for name, value in widths.items():
+            if value not in (None, decoder.dim):
+                raise ConfigError(f"{name} is {value}; it must equal the decoder width {decoder.dim}")
         return cls(decoder=decoder, vision=vision, vq=vqc, roles=tuple(d.get("janus_roles", PRO_ROLES)))
 
     def to_transformers(self, image_token_id: int) -> dict[str, Any]:
