@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -78,6 +77,12 @@ def step_bytes(cfg, dtype: torch.dtype, rows: int, avg_len: float) -> float:
     return (weights + kv) * size
 
 
+def peak_rss() -> int:
+    """Peak resident bytes since the last reset (VmHWM)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
 def run_case(impl: str, path: Path, n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     """Time `repeats` generations of n images for one prompt, after one warm-up."""
     from janus.checkpoint import load_model
@@ -114,12 +119,14 @@ def run_case(impl: str, path: Path, n: int, device: torch.device, dtype: torch.d
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: measure generation, not loading
     t = time.perf_counter()
     for _ in range(repeats):
         generate()
     sync(device)
     seconds = (time.perf_counter() - t) / repeats
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     return {"impl": impl, "n": n, "seconds": seconds, "peak_bytes": peak}
 
 
