@@ -131,7 +131,8 @@ class Janus:
 
         history: `{"role": "user"|"assistant", "content": str, "images": [...]}` dicts, alternating from
         a user turn (images optional). A message without `<image_placeholder>` gets one per image
-        in front. Returns the answer, or an iterator of text pieces when `stream=True`.
+        in front. The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
+        Returns the answer, or an iterator of text pieces when `stream=True`.
         """
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message must be a non-empty string")
@@ -141,11 +142,12 @@ class Janus:
         sampling.validate()
         turns = [*(history or []), {"role": "user", "content": message, "images": list(images or [])}]
         tokens, pixels = self._chat_inputs(turns)
-        if tokens.shape[1] + max_new_tokens > self.cfg.decoder.max_seq_len:
+        room = self.cfg.decoder.max_seq_len - tokens.shape[1]
+        if room < 1:
             raise ValueError(
-                f"conversation too long: {tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens "
-                f"exceed the model's {self.cfg.decoder.max_seq_len} positions"
+                f"conversation too long: {tokens.shape[1]} prompt tokens fill the model's {self.cfg.decoder.max_seq_len} positions"
             )
+        max_new_tokens = min(max_new_tokens, room)  # a cap: the answer stops at the context's end
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         ids = generate_text(
             self.model, tokens, tokens == self.tokenizer.image_id, pixels, max_new_tokens,

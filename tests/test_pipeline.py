@@ -114,6 +114,15 @@ def test_chat_answers_streams_and_takes_history(pipe, tmp_path):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+def test_chat_answer_stops_at_the_end_of_the_context(pipe):
+    """max_new_tokens is a cap: far past the context it still answers (the KV cache, sized to the
+    context, would fail on any token beyond it)."""
+    prompt_len = len(pipe.tokenizer.encode(janus.processing.chat.render_chat(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}], pipe.cfg.roles)))
+    pieces = list(pipe.chat("hello", max_new_tokens=10_000, temperature=1.0, seed=0, stream=True))
+    assert 0 < len(pieces) <= pipe.cfg.decoder.max_seq_len - prompt_len
+
+
 def test_chat_never_samples_past_the_tokenizer_vocabulary(tmp_path):
     # A head wider than the tokenizer, as in real checkpoints (102400 rows, ~100k tokens).
     pipe = janus.load(save_tiny_checkpoint(tmp_path / "wide", vocab_size=600), device="cpu", dtype="float32")
@@ -136,6 +145,7 @@ def test_chat_never_samples_past_the_tokenizer_vocabulary(tmp_path):
         (lambda p: p.generate_image("word " * 600), "too long"),
         (lambda p: p.chat("  "), "non-empty"),
         (lambda p: p.chat("hi", max_new_tokens=0), "max_new_tokens"),
+        (lambda p: p.chat("word " * 600), "conversation too long"),
         (lambda p: p.chat("<image_placeholder> and <image_placeholder>", images=[Image.new("RGB", (8, 8))]), "2 <image_placeholder> but 1"),
         (lambda p: p.chat("hi", images=["/nonexistent.png"]), "nonexistent"),
     ],
