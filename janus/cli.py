@@ -1,4 +1,4 @@
-"""The `janus` command: generate, chat, convert, info."""
+"""The `janus` command: generate, chat, convert, info, eval."""
 
 from __future__ import annotations
 
@@ -82,6 +82,21 @@ def cmd_tokenize_images(args: argparse.Namespace) -> None:
     print(f"wrote the VQ code cache to {args.out}")
 
 
+def cmd_eval_shapes(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval.shapes_eval import EVAL_SEED, evaluate, format_report
+
+    seed = EVAL_SEED if args.seed is None else args.seed
+    results = evaluate(_load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True)
+    results["settings"]["model"] = args.model
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(format_report(results))
+    print(f"wrote {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -147,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="code cache directory (data.code_cache in a run config)")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_tokenize_images)
+
+    e = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark", required=True)
+    shapes = e.add_parser("shapes", help="exact generation, VQA, POPE and perplexity metrics on the shapes world")
+    shapes.add_argument("--model", default=None, help="checkpoint directory (default: $JANUS_MODEL or the built-in model)")
+    shapes.add_argument("--json", required=True, help="file to write the results to")
+    shapes.add_argument("--seed", type=int, default=None, help="evaluation seed (default 1000; see docs/shapes.md)")
+    shapes.add_argument("--k", type=int, default=4, help="images per generation prompt (default 4)")
+    shapes.add_argument("--per-category", type=int, default=50, help="prompts / questions per category (default 50)")
+    shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
+    shapes.set_defaults(func=cmd_eval_shapes)
 
     i = sub.add_parser("info", help="describe a checkpoint directory")
     i.add_argument("path")

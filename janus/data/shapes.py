@@ -1,0 +1,583 @@
+"""The shapes world: procedural scenes of coloured shapes with exact ground truth (docs/shapes.md).
+
+A `Scene` is resolution-free: centres and sizes are fractions of the image side, and `render` draws it
+at any resolution. Captions, questions and texts are computed from the scene, so every answer is exact.
+Randomness comes only from `random.Random` objects seeded by strings, so the same seed gives the same
+scenes, and byte-identical files, in every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from itertools import combinations, permutations
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image, ImageDraw
+
+# Saturated colours at least 120 apart in RGB and from the background, chosen so that every blend of a
+# colour with the background that is nearer the colour than the background is also nearer it than any
+# other palette colour: an anti-aliased edge never looks like another colour.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 20),
+    "green": (0, 180, 40),
+    "blue": (30, 70, 240),
+    "yellow": (250, 220, 0),
+    "cyan": (0, 210, 230),
+    "purple": (150, 40, 210),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+BACKGROUND = (127, 127, 127)  # the understanding preprocessing's padding grey
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Layout: boxes sit on a grid of 1/GRID of the image side, so at any multiple of GRID pixels (32, 64,
+# 384) their edges fall on pixel boundaries and a shape renders exactly as the detector's template of
+# it; a small object is then 8 px wide at 32 px, where all five shapes still render distinctly.
+GRID = 32
+SIZES = {"small": 8 / GRID, "large": 12 / GRID}  # side of the object's square bounding box, in image sides
+SIZE_THRESHOLD = 10 / GRID  # a measured side below this is small
+RELATIONS = ("left of", "right of", "above", "below")
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+MAX_OBJECTS = 4
+
+# In grid cells: BORDER keeps boxes off the edge; GAP keeps them apart so each stays its own connected
+# component; RELATION_MARGIN keeps a pair's horizontal and vertical offsets apart so its relation is
+# never a toss-up. REGION_MARGIN (image sides) keeps a centre off the thirds lines before "where" is asked.
+BORDER = 1
+GAP = 2
+RELATION_MARGIN = 3 / GRID
+REGION_MARGIN = 0.04
+SUPERSAMPLE = 4  # shapes are drawn this much larger, then box-filtered down: anti-aliased edges
+
+SCENE_KINDS = {"single": 0.25, "pair": 0.3, "count": 0.2, "mixed": 0.25}
+CAPTION_PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ")
+RELATION_WORDS = {
+    "left of": ("left of", "to the left of"),
+    "right of": ("right of", "to the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+RELATION_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+PLURALS = {"cross": "crosses"}
+NEGATIVE_KINDS = ("random", "adversarial", "binding")  # how an absent object is picked (POPE-style)
+QUESTION_TYPES = ("colour", "shape", "count", "position", "relation", "size", "existence")
+
+
+def _outline(shape: str) -> tuple[tuple[float, float], ...]:
+    """Polygon of a shape, stretched to fill the square [-0.5, 0.5]^2 (y down, no rotation)."""
+    if shape == "circle":
+        points = [(math.cos(2 * math.pi * i / 96), math.sin(2 * math.pi * i / 96)) for i in range(96)]
+    elif shape == "square":
+        points = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif shape == "triangle":
+        points = [(0, -1), (1, 1), (-1, 1)]
+    elif shape == "star":  # five points, inner radius 0.45 of the outer
+        points = [
+            ((1 if i % 2 == 0 else 0.45) * math.sin(math.pi * i / 5), -(1 if i % 2 == 0 else 0.45) * math.cos(math.pi * i / 5))
+            for i in range(10)
+        ]
+    elif shape == "cross":  # a plus sign, arms a third of the side wide
+        a = 1 / 3
+        points = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, y0, w, h = min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+    return tuple(((x - x0) / w - 0.5, (y - y0) / h - 0.5) for x, y in points)
+
+
+OUTLINES = {shape: _outline(shape) for shape in SHAPES}
+
+
+def polygon(shape: str, cx: float, cy: float, width: float, height: float) -> list[tuple[float, float]]:
+    """Pixel-space vertices of `shape` whose bounding box has this centre and size.
+
+    Continuous coordinates have pixel i covering [i, i + 1); PIL puts pixel centres on integers.
+    """
+    return [(cx + u * width - 0.5, cy + v * height - 0.5) for u, v in OUTLINES[shape]]
+
+
+# ---------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str  # "small" | "large"
+    x: float  # centre of the bounding box, in image sides from the left
+    y: float  # ... from the top
+
+    @property
+    def side(self) -> float:
+        return SIZES[self.size]
+
+    @property
+    def descriptor(self) -> tuple[str, str]:
+        return self.colour, self.shape
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+
+    def to_json(self) -> dict:
+        return {"objects": [dataclasses.asdict(o) for o in self.objects]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Scene":
+        return cls(tuple(SceneObject(**o) for o in data["objects"]))
+
+
+class Located(Protocol):
+    """What captions and relations need of an object: scene objects and detected objects both qualify."""
+
+    shape: str | None
+    colour: str | None
+    size: str | None
+    x: float
+    y: float
+
+
+def relation(a: Located, b: Located) -> str:
+    """Where `a` lies relative to `b`, along the axis on which their centres differ most."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def relation_is_clear(a: Located, b: Located) -> bool:
+    return abs(abs(a.x - b.x) - abs(a.y - b.y)) >= RELATION_MARGIN
+
+
+def region(obj: Located) -> str:
+    """Which ninth of the image holds the centre: "top left", "top", ..., "middle", ..., "bottom right"."""
+    row = ("top", "", "bottom")[min(int(obj.y * 3), 2)]
+    column = ("left", "", "right")[min(int(obj.x * 3), 2)]
+    return " ".join(w for w in (row, column) if w) or "middle"
+
+
+def region_is_clear(obj: Located) -> bool:
+    return all(abs(v - line) >= REGION_MARGIN for v in (obj.x, obj.y) for line in (1 / 3, 2 / 3))
+
+
+def is_heldout_pair(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether two (colour, shape) descriptors form a composition kept out of every training split.
+
+    A fixed tenth of all pairs, chosen by hash, so the choice does not depend on any seed.
+    """
+    if a == b:
+        return False
+    key = "|".join(sorted(f"{c} {s}" for c, s in (a, b)))
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") % 10 == 0
+
+
+DESCRIPTORS = tuple((c, s) for c in COLOURS for s in SHAPES)
+HELDOUT_PAIRS = tuple((a, b) for a, b in combinations(DESCRIPTORS, 2) if is_heldout_pair(a, b))
+
+
+def has_heldout_pair(descriptors: list[tuple[str, str]]) -> bool:
+    return any(is_heldout_pair(a, b) for a, b in combinations(set(descriptors), 2))
+
+
+def scene_rng(seed: int, stream: str, index: int) -> random.Random:
+    """The random source of one scene: independent of every other scene and of the split sizes."""
+    return random.Random(f"janus-shapes:{seed}:{stream}:{index}")
+
+
+def sample_scene(rng: random.Random, exclude_heldout: bool = False) -> Scene:
+    """A random scene of 1-4 objects; `exclude_heldout` rejects scenes holding a held-out pair."""
+    while True:
+        descriptors = _sample_descriptors(rng)
+        if exclude_heldout and has_heldout_pair(descriptors):
+            continue
+        sizes = [rng.choice(tuple(SIZES)) for _ in descriptors]
+        # Relations are captioned only in two-object scenes, so only there must they be clear.
+        centres = _layout(rng, [round(SIZES[s] * GRID) for s in sizes], clear_relations=len(descriptors) == 2)
+        if centres is not None:
+            objects = (SceneObject(s, c, size, x, y) for (c, s), size, (x, y) in zip(descriptors, sizes, centres))
+            return Scene(tuple(objects))
+
+
+def _sample_descriptors(rng: random.Random) -> list[tuple[str, str]]:
+    kind = rng.choices(tuple(SCENE_KINDS), weights=tuple(SCENE_KINDS.values()))[0]
+    if kind == "single":
+        return [rng.choice(DESCRIPTORS)]
+    if kind == "pair":
+        return rng.sample(DESCRIPTORS, 2)
+    if kind == "count":
+        return [rng.choice(DESCRIPTORS)] * rng.randint(2, MAX_OBJECTS)
+    return [rng.choice(DESCRIPTORS) for _ in range(rng.randint(3, MAX_OBJECTS))]
+
+
+def _layout(rng: random.Random, sides: list[int], clear_relations: bool) -> list[tuple[float, float]] | None:
+    """Centres (image sides) for boxes of these sides (grid cells); None when placement keeps failing."""
+    for _ in range(50):
+        boxes: list[tuple[int, int, int]] = []  # left, top, side, in grid cells
+        for side in sides:
+            for _ in range(50):
+                left, top = (rng.randint(BORDER, GRID - BORDER - side) for _ in range(2))
+                if all(_fits((left, top, side), box, clear_relations) for box in boxes):
+                    boxes.append((left, top, side))
+                    break
+            else:
+                break
+        if len(boxes) == len(sides):
+            return [((left + side / 2) / GRID, (top + side / 2) / GRID) for left, top, side in boxes]
+    return None
+
+
+def _fits(a: tuple[int, int, int], b: tuple[int, int, int], clear_relations: bool) -> bool:
+    # Twice the centre offsets, so that everything stays in whole grid cells.
+    dx, dy = abs(2 * a[0] + a[2] - 2 * b[0] - b[2]), abs(2 * a[1] + a[2] - 2 * b[1] - b[2])
+    apart = max(dx, dy) - (a[2] + b[2]) >= 2 * GAP
+    return apart and (not clear_relations or abs(dx - dy) >= 2 * RELATION_MARGIN * GRID)
+
+
+def render(scene: Scene, resolution: int = 384) -> Image.Image:
+    """The scene as an RGB image, anti-aliased by drawing SUPERSAMPLE times larger and box-filtering."""
+    if not isinstance(resolution, int) or resolution < 16:
+        raise ValueError(f"resolution must be an int >= 16, got {resolution!r}")
+    big = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        draw.polygon(polygon(obj.shape, obj.x * big, obj.y * big, obj.side * big, obj.side * big), fill=PALETTE[obj.colour])
+    return image.reduce(SUPERSAMPLE)
+
+
+# ---------------------------------------------------------------- descriptions (captions, prompts)
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """What a description says of one object; None: not said."""
+
+    shape: str
+    colour: str | None = None
+    size: str | None = None
+
+    def mismatches(self, obj: Located) -> list[str]:
+        """The attributes `obj` gets wrong."""
+        return [a for a in ("shape", "colour", "size") if getattr(self, a) is not None and getattr(obj, a) != getattr(self, a)]
+
+
+@dataclass(frozen=True)
+class Description:
+    """A caption or prompt as clauses: exactly these objects, and `objects[0]` `relation` `objects[1]`."""
+
+    category: str
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None
+
+    def text(self, rng: random.Random | None = None) -> str:
+        """The words; with `rng` a varied training caption, without it the canonical prompt."""
+        if self.relation is not None:
+            words = RELATION_WORDS[self.relation]
+            first, second = (_phrase(spec, 1) for spec in self.objects)
+            text = f"{first} {rng.choice(words) if rng else words[0]} {second}"
+        else:
+            groups = Counter(self.objects)  # first-seen order
+            text = _join([_phrase(spec, n) for spec, n in groups.items()])
+        return (rng.choice(CAPTION_PREFIXES) if rng else "") + text
+
+
+def _phrase(spec: ObjectSpec, count: int) -> str:
+    words = [w for w in (spec.size, spec.colour, plural(spec.shape) if count > 1 else spec.shape) if w]
+    article = COUNT_WORDS[count] if count > 1 else ("an" if words[0][0] in "aeiou" else "a")
+    return " ".join([article, *words])
+
+
+def plural(shape: str) -> str:
+    return PLURALS.get(shape, shape + "s")
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def failed_clauses(description: Description, objects: list[Located]) -> list[str]:
+    """The clauses of `description` that `objects` break, as "clause: detail"; empty when it holds.
+
+    Clauses: "count" (exactly the objects described), "shape", "colour", "size" (of each described
+    object, under the best matching of objects to descriptions) and "relation".
+    """
+    specs = description.objects
+    if len(objects) != len(specs):
+        return [f"count: {len(objects)} objects, expected {len(specs)}"]
+    best: list[str] | None = None
+    for order in permutations(range(len(specs))):
+        failures = [
+            f"{a}: {_phrase(spec, 1)} is {getattr(objects[order[i]], a)}"
+            for i, spec in enumerate(specs)
+            for a in spec.mismatches(objects[order[i]])
+        ]
+        if description.relation is not None:
+            seen = relation(objects[order[0]], objects[order[1]])
+            if seen != description.relation:
+                failures.append(f"relation: {seen}, expected {description.relation}")
+        if best is None or len(failures) < len(best):
+            best = failures
+    return best or []
+
+
+def scene_for(description: Description, rng: random.Random) -> Scene:
+    """A random scene that `description` holds for (attributes it leaves open are drawn at random)."""
+    while True:
+        specs = description.objects
+        colours = [spec.colour or rng.choice(COLOURS) for spec in specs]
+        sizes = [spec.size or rng.choice(tuple(SIZES)) for spec in specs]
+        centres = _layout(rng, [round(SIZES[s] * GRID) for s in sizes], clear_relations=description.relation is not None)
+        if centres is None:
+            continue
+        scene = Scene(tuple(SceneObject(spec.shape, c, s, x, y) for spec, c, s, (x, y) in zip(specs, colours, sizes, centres)))
+        if not failed_clauses(description, list(scene.objects)):
+            return scene
+
+
+def caption(scene: Scene, rng: random.Random) -> Description:
+    """A description that holds for the scene, drawn from the templates that fit it."""
+    objects = list(scene.objects)
+    rng.shuffle(objects)  # the order things are named in
+    with_size = rng.random() < 0.25
+
+    def specs(colour: bool = True) -> tuple[ObjectSpec, ...]:
+        return tuple(ObjectSpec(o.shape, o.colour if colour else None, o.size if with_size else None) for o in objects)
+
+    distinct = len({o.descriptor for o in objects})
+    if len(objects) == 1:
+        candidates = [Description("colors", specs()), Description("single_object", specs(colour=False))]
+    elif distinct == 1:
+        candidates = [Description("counting", specs()), Description("counting", specs(colour=False))]
+    elif len(objects) == 2:
+        candidates = [Description("color_attr", specs()), Description("two_object", specs(colour=False))]
+        if relation_is_clear(*objects):
+            candidates.append(Description("position", specs(), relation(*objects)))
+    else:
+        candidates = [Description("mixed", specs()), Description("mixed", specs(colour=False))]
+    return rng.choice(candidates)
+
+
+# ---------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class QA:
+    type: str  # one of QUESTION_TYPES
+    question: str
+    answer: str
+    negative: str | None = None  # existence questions answered "no": which NEGATIVE_KINDS picked the object
+
+
+def _name(obj: SceneObject) -> str:
+    return f"{obj.colour} {obj.shape}"
+
+
+def _named(scene: Scene) -> list[SceneObject]:
+    """The objects that "the <colour> <shape>" names unambiguously."""
+    return [o for o in scene.objects if sum(p.descriptor == o.descriptor for p in scene.objects) == 1]
+
+
+def question(scene: Scene, kind: str, rng: random.Random, answer_yes: bool | None = None, negative: str | None = None) -> QA | None:
+    """A question of type `kind` about the scene with its exact answer, or None when none fits.
+
+    Existence questions: `answer_yes` and `negative` pick the answer and, for "no", how the absent
+    object is chosen (when not given: at random, among the kinds the scene allows).
+    """
+    if kind == "existence":
+        return _existence(scene, rng, rng.random() < 0.5 if answer_yes is None else answer_yes, negative)
+    if kind not in _ASK:
+        raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+    return _ASK[kind](scene, rng)
+
+
+def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
+    objects = scene.objects
+    shapes = sorted({o.shape for o in objects if len({p.colour for p in objects if p.shape == o.shape}) == 1})
+    if not shapes:
+        return None
+    shape = rng.choice(shapes)
+    same = [o for o in objects if o.shape == shape]
+    text = f"What colour is the {shape}?" if len(same) == 1 else f"What colour are the {plural(shape)}?"
+    return QA("colour", text, same[0].colour)
+
+
+def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
+    objects = scene.objects
+    colours = sorted({o.colour for o in objects if len({p.shape for p in objects if p.colour == o.colour}) == 1})
+    if not colours:
+        return None
+    colour = rng.choice(colours)
+    same = [o for o in objects if o.colour == colour]
+    text = f"What shape is the {colour} object?" if len(same) == 1 else f"What shape are the {colour} objects?"
+    return QA("shape", text, same[0].shape)
+
+
+def _count_question(scene: Scene, rng: random.Random) -> QA:
+    objects = scene.objects
+    target = rng.choice(("objects", "shape", "colour"))
+    if target == "objects":
+        return QA("count", "How many objects are there?", COUNT_WORDS[len(objects)])
+    # Mostly ask about what is there, sometimes about what is not (answer "zero").
+    if target == "shape":
+        shape = rng.choice([o.shape for o in objects]) if rng.random() < 0.8 else rng.choice(SHAPES)
+        return QA("count", f"How many {plural(shape)} are there?", COUNT_WORDS[sum(o.shape == shape for o in objects)])
+    colour = rng.choice([o.colour for o in objects]) if rng.random() < 0.8 else rng.choice(COLOURS)
+    return QA("count", f"How many {colour} objects are there?", COUNT_WORDS[sum(o.colour == colour for o in objects)])
+
+
+def _position_question(scene: Scene, rng: random.Random) -> QA | None:
+    clear = [o for o in _named(scene) if region_is_clear(o)]
+    if not clear:
+        return None
+    obj = rng.choice(clear)
+    return QA("position", f"Where is the {_name(obj)} in the image?", region(obj))
+
+
+def _relation_question(scene: Scene, rng: random.Random) -> QA | None:
+    named = _named(scene)
+    pairs = [(a, b) for a in named for b in named if a is not b and relation_is_clear(a, b)]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    return QA("relation", f"Where is the {_name(a)} relative to the {_name(b)}?", RELATION_ANSWERS[relation(a, b)])
+
+
+def _size_question(scene: Scene, rng: random.Random) -> QA | None:
+    named = _named(scene)
+    if not named:
+        return None
+    obj = rng.choice(named)
+    return QA("size", f"Is the {_name(obj)} small or large?", obj.size)
+
+
+_ASK = {
+    "colour": _colour_question,
+    "shape": _shape_question,
+    "count": _count_question,
+    "position": _position_question,
+    "relation": _relation_question,
+    "size": _size_question,
+}
+
+
+def _existence(scene: Scene, rng: random.Random, answer_yes: bool, negative: str | None) -> QA | None:
+    present = {o.descriptor for o in scene.objects}
+    if answer_yes:
+        colour, shape = rng.choice(sorted(present))
+        return QA("existence", f"Is there {_phrase(ObjectSpec(shape, colour), 1)} in the image?", "yes")
+    absent = [d for d in DESCRIPTORS if d not in present]
+    colours, shapes = {c for c, _ in present}, {s for _, s in present}
+    pools = {
+        "random": absent,
+        # shares its colour or its shape with something in the picture, not both
+        "adversarial": [(c, s) for c, s in absent if (c in colours) != (s in shapes)],
+        # its colour and its shape are both in the picture, on different objects
+        "binding": [(c, s) for c, s in absent if c in colours and s in shapes],
+    }
+    kind = negative or rng.choice([k for k in NEGATIVE_KINDS if pools[k]])
+    if not pools[kind]:
+        return None
+    colour, shape = rng.choice(pools[kind])
+    return QA("existence", f"Is there {_phrase(ObjectSpec(shape, colour), 1)} in the image?", "no", kind)
+
+
+def scene_questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
+    """Up to n questions of different types (existence included, its answer yes or no at random)."""
+    kinds = list(QUESTION_TYPES)
+    rng.shuffle(kinds)
+    questions = []
+    for kind in kinds:
+        qa = question(scene, kind, rng)
+        if qa is not None:
+            questions.append(qa)
+        if len(questions) == n:
+            break
+    return questions
+
+
+# ---------------------------------------------------------------- text corpus
+
+_REGION_PHRASES = {"middle": "in the middle", "left": "on the left", "right": "on the right"}
+
+
+def scene_text(scene: Scene, rng: random.Random) -> str:
+    """A few sentences describing the whole scene: what is where, and how named objects relate."""
+    objects = list(scene.objects)
+    rng.shuffle(objects)
+    parts = [
+        f"{_phrase(ObjectSpec(o.shape, o.colour, o.size), 1)} {_REGION_PHRASES.get(region(o), 'at the ' + region(o))}"
+        for o in objects
+    ]
+    count = COUNT_WORDS[len(objects)]
+    opening = rng.choice(
+        (
+            f"A grey picture with {count} object{'s' if len(objects) > 1 else ''}: ",
+            f"This image shows {count} shape{'s' if len(objects) > 1 else ''} on a grey background: ",
+            f"In the picture there {'are' if len(objects) > 1 else 'is'} ",
+        )
+    )
+    sentences = [opening + _join(parts) + "."]
+    pairs = [(a, b) for a, b in combinations(_named(scene), 2) if relation_is_clear(a, b)]
+    for a, b in rng.sample(pairs, min(2, len(pairs))):
+        sentences.append(f"The {_name(a)} is {rng.choice(RELATION_WORDS[relation(a, b)])} the {_name(b)}.")
+    return " ".join(sentences)
+
+
+# ---------------------------------------------------------------- data set files
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n_scenes: int,
+    seed: int = 0,
+    resolution: int = 384,
+    splits: dict[str, float] | None = None,
+    questions_per_scene: int = 4,
+) -> dict[str, dict[str, Path]]:
+    """Write splits of scenes in the training data format (docs/data.md) and return their manifests.
+
+    Each split gets `round(n_scenes * fraction)` scenes from its own seed stream, written to
+    `out_dir/<split>/`: `images/NNNNNN.png`, `understanding.jsonl` (one question per record),
+    `generation.jsonl` (one caption per scene), `text.jsonl` (one description per scene) and
+    `scenes.jsonl` (the ground truth). The split named "train" holds no held-out pair (HELDOUT_PAIRS).
+    """
+    splits = splits if splits is not None else {"train": 0.9, "heldout": 0.1}
+    out = Path(out_dir)
+    manifests = {}
+    for split, fraction in splits.items():
+        directory = out / split
+        (directory / "images").mkdir(parents=True, exist_ok=True)
+        lines: dict[str, list[str]] = {"understanding": [], "generation": [], "text": [], "scenes": []}
+        for i in range(round(n_scenes * fraction)):
+            rng = scene_rng(seed, split, i)
+            scene = sample_scene(rng, exclude_heldout=split == "train")
+            name = f"images/{i:06d}.png"
+            render(scene, resolution).save(directory / name)
+            for qa in scene_questions(scene, rng, questions_per_scene):
+                conversation = [
+                    {"role": "user", "content": f"<image_placeholder>\n{qa.question}"},
+                    {"role": "assistant", "content": qa.answer},
+                ]
+                lines["understanding"].append(_json({"kind": "understanding", "images": [name], "conversation": conversation}))
+            lines["generation"].append(_json({"kind": "generation", "caption": caption(scene, rng).text(rng), "image": name}))
+            lines["text"].append(_json({"kind": "text", "text": scene_text(scene, rng)}))
+            lines["scenes"].append(_json({"image": name, **scene.to_json()}))
+        manifests[split] = {}
+        for kind, records in lines.items():
+            path = directory / f"{kind}.jsonl"
+            path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
+            manifests[split][kind] = path
+    return manifests
+
+
+def _json(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)

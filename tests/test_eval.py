@@ -1,0 +1,208 @@
+"""The shapes detector and evaluation: accuracy on ground truth, rejection of wrong images, the metrics'
+plumbing (a perfect stand-in model scores 1.0), and `janus eval shapes` on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from itertools import permutations
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from janus.cli import main
+from janus.data.shapes import (
+    COLOURS,
+    GRID,
+    HELDOUT_PAIRS,
+    SHAPES,
+    SIZES,
+    Description,
+    ObjectSpec,
+    Scene,
+    SceneObject,
+    failed_clauses,
+    relation,
+    relation_is_clear,
+    render,
+    sample_scene,
+    scene_for,
+    scene_rng,
+)
+from janus.eval.detector import detect
+from janus.eval.shapes_eval import (
+    GEN_CATEGORIES,
+    VQA_TYPES,
+    category_prompts,
+    evaluate_generation,
+    evaluate_understanding,
+    heldout_prompts,
+    normalise_answer,
+    pope_metrics,
+    understanding_items,
+)
+from janus.testing import save_tiny_checkpoint
+
+SCENES = [sample_scene(scene_rng(11, "detector", i)) for i in range(500)]
+
+
+def _found_exactly(scene: Scene, found, resolution: int) -> bool:
+    """Same objects: colour, shape and size equal, centres within a pixel."""
+    if len(found) != len(scene.objects):
+        return False
+    close = 1.01 / resolution
+
+    def same(o, d) -> bool:
+        return (o.colour, o.shape, o.size) == (d.colour, d.shape, d.size) and abs(o.x - d.x) <= close and abs(o.y - d.y) <= close
+
+    return any(all(same(o, d) for o, d in zip(scene.objects, order)) for order in permutations(found))
+
+
+@pytest.mark.parametrize("resolution", [384, 64, 32])
+def test_detector_finds_ground_truth(resolution):
+    correct = sum(_found_exactly(s, detect(render(s, resolution)), resolution) for s in SCENES)
+    assert correct / len(SCENES) >= 0.99
+
+
+def _full_description(scene: Scene) -> Description:
+    """Every attribute of every object, and the relation of a two-object scene."""
+    objects = scene.objects
+    clear_pair = len(objects) == 2 and relation_is_clear(*objects)
+    specs = tuple(ObjectSpec(o.shape, o.colour, o.size) for o in objects)
+    return Description("full", specs, relation(*objects) if clear_pair else None)
+
+
+def _with_extra_object(scene: Scene, rng: random.Random) -> Scene | None:
+    """The scene plus one small object where it fits, or None when nothing fits."""
+    side = round(SIZES["small"] * GRID)
+    spots = [(left, top) for left in range(1, GRID - side) for top in range(1, GRID - side)]
+    rng.shuffle(spots)
+    for left, top in spots:
+        x, y = (left + side / 2) / GRID, (top + side / 2) / GRID
+        if all(max(abs(x - o.x), abs(y - o.y)) - (o.side + side / GRID) / 2 >= 2 / GRID for o in scene.objects):
+            return Scene(scene.objects + (SceneObject(rng.choice(SHAPES), rng.choice(COLOURS), "small", x, y),))
+    return None
+
+
+def _corruptions(scene: Scene, rng: random.Random) -> dict[str, Scene]:
+    first = scene.objects[0]
+    wrong = {
+        "colour": dataclasses.replace(first, colour=rng.choice([c for c in COLOURS if c != first.colour])),
+        "shape": dataclasses.replace(first, shape=rng.choice([s for s in SHAPES if s != first.shape])),
+    }
+    out = {name: Scene((obj,) + scene.objects[1:]) for name, obj in wrong.items()}
+    out["missing"] = Scene(scene.objects[1:])
+    extra = _with_extra_object(scene, rng)
+    if extra is not None:
+        out["extra"] = extra
+    if _full_description(scene).relation is not None and len(set(_full_description(scene).objects)) == 2:
+        a, b = scene.objects  # two different objects: swapped, the relation no longer holds
+        out["swapped"] = Scene((dataclasses.replace(a, x=b.x, y=b.y), dataclasses.replace(b, x=a.x, y=a.y)))
+    return out
+
+
+def test_detector_rejects_wrong_images():
+    rng = random.Random(0)
+    rejected = {}
+    for scene in SCENES[:150]:
+        description = _full_description(scene)
+        assert failed_clauses(description, detect(render(scene, 64))) == []
+        for name, wrong in _corruptions(scene, rng).items():
+            rejected.setdefault(name, []).append(bool(failed_clauses(description, detect(render(wrong, 64)))))
+    assert set(rejected) == {"colour", "shape", "missing", "extra", "swapped"}
+    assert all(all(flags) for flags in rejected.values()), {k: sum(v) / len(v) for k, v in rejected.items()}
+    noise_rng = np.random.default_rng(0)
+    for size in (64, 384):
+        noise = Image.fromarray(noise_rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        assert detect(noise) == []
+        assert failed_clauses(Description("colors", (ObjectSpec("circle", "red"),)), detect(noise))
+    assert detect(Image.new("RGB", (64, 64), (127, 127, 127))) == []
+
+
+def test_prompts():
+    pairs = {frozenset(p) for p in HELDOUT_PAIRS}
+    for category in ("position", "color_attr"):
+        for prompt in category_prompts(category):
+            assert frozenset((s.colour, s.shape) for s in prompt.objects) in pairs
+    assert category_prompts("position")[0].text().count(" a ") == 1  # "a red circle left of a blue star"
+    assert heldout_prompts("counting", 3, seed=1) == heldout_prompts("counting", 3, seed=1)
+    assert heldout_prompts("counting", 3, seed=1) != heldout_prompts("counting", 3, seed=2)
+    assert len(heldout_prompts("single_object", 12)) == 12  # five prompts, repeated
+    assert [d.text() for d in category_prompts("counting")[:2]] == ["two red circles", "two red squares"]
+
+
+def test_normalise_answer():
+    assert normalise_answer("Red.") == normalise_answer("red") == "red"
+    assert normalise_answer("Three!") == normalise_answer("3") == "3"
+    assert normalise_answer("  The  top left ") == "top left"
+    assert normalise_answer("a circle") == "circle"
+
+
+def test_pope_metrics():
+    rows = [(True, "Yes."), (True, "yes"), (False, "yes"), (False, "No"), (True, "no"), (False, "maybe")]
+    m = pope_metrics(rows)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(3 / 6)
+    always_yes = pope_metrics([(True, "yes"), (False, "yes")])
+    assert always_yes["accuracy"] == 0.5 and always_yes["yes_ratio"] == 1.0 and always_yes["f1"] == pytest.approx(2 / 3)
+
+
+class PerfectModel:
+    """A stand-in for janus.Janus that draws what each prompt says and answers every question right."""
+
+    def __init__(self, per_type: int):
+        self.cfg = SimpleNamespace(vision=SimpleNamespace(image_size=64))
+        self.prompts = {d.text(): d for category in GEN_CATEGORIES for d in category_prompts(category)}
+        self.answers = {(qa.question, render(scene, 64).tobytes()): qa.answer for scene, qa, _ in understanding_items(per_type)}
+
+    def generate_image(self, prompts, n, cfg_weight, seed):
+        rng = random.Random(seed)
+        return [render(scene_for(self.prompts[p], rng), 64) for p in prompts for _ in range(n)]
+
+    def chat(self, question, images, temperature, max_new_tokens):
+        return self.answers[question, images[0].tobytes()].capitalize() + "."
+
+
+def test_perfect_model_scores_one():
+    model = PerfectModel(per_type=6)
+    generation = evaluate_generation(model, per_category=6, k=2)
+    assert generation["overall"] == 1.0
+    assert all(c["accuracy"] == 1.0 and c["images"] == 12 for c in generation["categories"].values())
+    understanding = evaluate_understanding(model, per_type=6)
+    assert understanding["vqa_overall"] == 1.0
+    assert all(v["questions"] == 6 for v in understanding["vqa"].values())
+    for p in understanding["pope"].values():
+        assert p["accuracy"] == 1.0 and p["f1"] == 1.0 and p["yes_ratio"] == 0.5
+
+
+def _in_unit_range(value) -> bool:
+    return isinstance(value, float | int) and 0.0 <= value <= 1.0
+
+
+def test_eval_shapes_command_on_tiny_random_model(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "results" / "shapes.json"
+    args = ["eval", "shapes", "--model", str(ckpt), "--json", str(out), "--k", "2", "--per-category", "1", "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "POPE" in printed and "perplexity" in printed
+    results = json.loads(out.read_text())
+    assert results["settings"] == {"seed": 1000, "k": 2, "per_category": 1, "understanding_resolution": 32, "model": str(ckpt)}
+    generation = results["generation"]
+    assert set(generation["categories"]) == set(GEN_CATEGORIES) and _in_unit_range(generation["overall"])
+    for c in generation["categories"].values():
+        assert _in_unit_range(c["accuracy"]) and c["images"] == 2 and len(c["prompts"]) == 1
+    understanding = results["understanding"]
+    assert set(understanding["vqa"]) == set(VQA_TYPES) and _in_unit_range(understanding["vqa_overall"])
+    assert all(_in_unit_range(v["accuracy"]) and v["questions"] == 1 for v in understanding["vqa"].values())
+    assert set(understanding["pope"]) == {"random", "adversarial", "binding", "all"}
+    for p in understanding["pope"].values():
+        assert all(_in_unit_range(p[key]) for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+    text = results["text"]
+    assert math.isfinite(text["perplexity"]) and text["perplexity"] >= 1.0 and text["nll_per_token"] >= 0
+    assert text["captions"] == 6 and text["tokens"] > 6

@@ -1,0 +1,187 @@
+"""The shapes world: determinism, layout rules, and ground truth that agrees with the scene."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from itertools import combinations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from janus.data import read_records
+from janus.data.shapes import (
+    BACKGROUND,
+    COUNT_WORDS,
+    GAP,
+    GRID,
+    HELDOUT_PAIRS,
+    PALETTE,
+    RELATION_ANSWERS,
+    Scene,
+    caption,
+    failed_clauses,
+    has_heldout_pair,
+    plural,
+    region,
+    relation,
+    render,
+    sample_scene,
+    scene_questions,
+    scene_rng,
+    scene_text,
+    write_dataset,
+)
+
+SCENES = [sample_scene(scene_rng(3, "test", i)) for i in range(400)]
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path):
+    write_dataset(tmp_path / "a", 24, seed=5, resolution=32)
+    write_dataset(tmp_path / "b", 24, seed=5, resolution=32)
+    write_dataset(tmp_path / "c", 24, seed=6, resolution=32)
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train/generation.jsonl"] != c["train/generation.jsonl"]
+    assert a["train/images/000000.png"] != c["train/images/000000.png"]
+
+
+def test_dataset_files_load_as_training_records(tmp_path):
+    manifests = write_dataset(tmp_path, 40, seed=1, resolution=64, splits={"train": 0.75, "heldout": 0.25})
+    assert set(manifests) == {"train", "heldout"}
+    for split, n in (("train", 30), ("heldout", 10)):
+        skipped = Counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a skipped record warns
+            records = {kind: list(read_records(manifests[split][kind], skipped)) for kind in ("understanding", "text", "generation")}
+        assert not skipped
+        assert len(records["generation"]) == len(records["text"]) == n
+        assert n * 3 <= len(records["understanding"]) <= n * 4
+        assert all(r.images[0].size == (64, 64) for r in records["generation"])
+        # the ground truth renders to exactly the image on disk
+        truth = [json.loads(line) for line in manifests[split]["scenes"].read_text().splitlines()]
+        for row in truth[:5]:
+            on_disk = np.asarray(Image.open(tmp_path / split / row["image"]).convert("RGB"))
+            assert np.array_equal(on_disk, np.asarray(render(Scene.from_json(row), 64)))
+    # the held-out split comes from its own seed stream
+    train, heldout = (
+        {json.dumps(json.loads(line)["objects"]) for line in manifests[split]["scenes"].read_text().splitlines()}
+        for split in ("train", "heldout")
+    )
+    assert not train & heldout
+
+
+def test_training_scenes_hold_no_heldout_pair():
+    assert 40 <= len(HELDOUT_PAIRS) <= 120
+    train = [sample_scene(scene_rng(0, "train", i), exclude_heldout=True) for i in range(300)]
+    assert not any(has_heldout_pair([o.descriptor for o in s.objects]) for s in train)
+    assert any(has_heldout_pair([o.descriptor for o in s.objects]) for s in SCENES)  # they do occur otherwise
+
+
+def test_layout_rules():
+    counts = Counter(len(s.objects) for s in SCENES)
+    assert set(counts) == {1, 2, 3, 4}
+    for scene in SCENES:
+        for o in scene.objects:
+            assert 1 / GRID <= o.x - o.side / 2 and o.x + o.side / 2 <= 1 - 1 / GRID
+            assert 1 / GRID <= o.y - o.side / 2 and o.y + o.side / 2 <= 1 - 1 / GRID
+        for a, b in combinations(scene.objects, 2):
+            assert max(abs(a.x - b.x), abs(a.y - b.y)) - (a.side + b.side) / 2 >= GAP / GRID - 1e-9
+
+
+def test_render_uses_exact_palette_and_background():
+    for scene in SCENES[:50]:
+        image = np.asarray(render(scene, 64)).reshape(-1, 3)
+        colours = Counter(map(tuple, image))
+        assert colours.most_common(1)[0][0] == BACKGROUND
+        for o in scene.objects:
+            centre = np.asarray(render(scene, 64))[int(o.y * 64), int(o.x * 64)]
+            if o.shape != "star" and o.shape != "triangle":  # thin near the box centre at the edges
+                assert tuple(centre) == PALETTE[o.colour]
+    assert render(SCENES[0], 384).size == (384, 384)
+    with pytest.raises(ValueError):
+        render(SCENES[0], 8)
+
+
+def test_captions_hold_for_their_scene():
+    categories = Counter()
+    for i, scene in enumerate(SCENES):
+        rng = scene_rng(4, "captions", i)
+        description = caption(scene, rng)
+        categories[description.category] += 1
+        assert failed_clauses(description, list(scene.objects)) == []
+        text = description.text(rng)
+        for spec in description.objects:
+            assert spec.shape in text and (spec.colour is None or spec.colour in text)
+            assert spec.size is None or spec.size in text
+    assert set(categories) == {"single_object", "two_object", "counting", "colors", "position", "color_attr", "mixed"}
+
+
+def _objects(scene, colour=None, shape=None):
+    return [o for o in scene.objects if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
+
+
+def _named(scene, name):
+    colour, shape = name.split()
+    (obj,) = _objects(scene, colour, shape)
+    return obj
+
+
+def test_questions_agree_with_the_scene():
+    """Each answer recomputed independently from the question's words and the scene's objects."""
+    seen = Counter()
+    for i, scene in enumerate(SCENES):
+        for qa in scene_questions(scene, scene_rng(4, "questions", i), 7):
+            seen[qa.type, qa.negative] += 1
+            q = qa.question
+            if qa.type == "colour":
+                shape = re.match(r"What colour (?:is|are) the (\w+)\?", q).group(1)
+                matching = [o for o in scene.objects if shape in (o.shape, plural(o.shape))]
+                assert matching and {o.colour for o in matching} == {qa.answer}
+            elif qa.type == "shape":
+                colour = re.match(r"What shape (?:is|are) the (\w+) object", q).group(1)
+                assert {o.shape for o in _objects(scene, colour)} == {qa.answer}
+            elif qa.type == "count":
+                what = re.match(r"How many (.+) are there\?", q).group(1)
+                if what == "objects":
+                    expected = len(scene.objects)
+                elif what.endswith(" objects"):
+                    expected = len(_objects(scene, colour=what.split()[0]))
+                else:
+                    expected = sum(plural(o.shape) == what for o in scene.objects)
+                assert qa.answer == COUNT_WORDS[expected]
+            elif qa.type == "position":
+                obj = _named(scene, re.match(r"Where is the (\w+ \w+) in the image\?", q).group(1))
+                assert qa.answer == region(obj)
+            elif qa.type == "relation":
+                a, b = re.match(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?", q).groups()
+                assert qa.answer == RELATION_ANSWERS[relation(_named(scene, a), _named(scene, b))]
+            elif qa.type == "size":
+                assert qa.answer == _named(scene, re.match(r"Is the (\w+ \w+) small", q).group(1)).size
+            else:
+                colour, shape = re.match(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+                present = bool(_objects(scene, colour, shape))
+                assert qa.answer == ("yes" if present else "no")
+                if qa.negative == "adversarial":
+                    assert bool(_objects(scene, colour=colour)) != bool(_objects(scene, shape=shape))
+                if qa.negative == "binding":
+                    assert _objects(scene, colour=colour) and _objects(scene, shape=shape)
+    assert {t for t, _ in seen} == {"colour", "shape", "count", "position", "relation", "size", "existence"}
+    assert {n for _, n in seen} == {None, "random", "adversarial", "binding"}
+    yes, no = sum(v for (t, n), v in seen.items() if t == "existence" and n is None), sum(v for (_, n), v in seen.items() if n)
+    assert abs(yes - no) < 0.25 * (yes + no)  # about balanced
+
+
+def test_scene_text_mentions_every_object():
+    for i, scene in enumerate(SCENES[:100]):
+        text = scene_text(scene, scene_rng(4, "text", i))
+        for o in scene.objects:
+            assert f"{o.size} {o.colour} {o.shape}" in text
