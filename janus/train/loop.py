@@ -144,6 +144,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     while step < cfg.train.steps:
         started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves at its end)
         # per kind: loss sum and target count; last entry: tokens (non-padding positions)
         stats = torch.zeros(2 * len(KINDS) + 1, dtype=torch.float64, device=device)
         for _ in range(cfg.train.grad_accum):
@@ -162,7 +163,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         stats = stats.cpu()
         seconds = time.perf_counter() - started
         if rank == 0:
-            record = _step_record(step, stats, seconds, optimizer.param_groups[0]["lr"], token_flops, peak, world)
+            record = _step_record(step, stats, seconds, lr, token_flops, peak, world)
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             for key, value in record.items():
@@ -174,8 +175,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             checkpoints.save(engine, step, stream.state_dict())
     bar.close()
-    if stream.mixture.skipped and rank == 0:
-        print(f"skipped records: {dict(stream.mixture.skipped)}")
+    if rank == 0:
+        writer.close()
+        if stream.mixture.skipped:
+            print(f"skipped records: {dict(stream.mixture.skipped)}")
     return export(engine, model, cfg, rank)
 
 
