@@ -89,7 +89,8 @@ class RunConfig:
         return dict(ds)
 
 
-def _set(tree: dict, dotted: str, value: str) -> None:
+def set_field(tree: dict, dotted: str, value: str) -> None:
+    """tree[a][b] = value for 'a.b'; the value is parsed as YAML when it is valid YAML."""
     *parents, leaf = dotted.split(".")
     for key in parents:
         tree = tree.setdefault(key, {})
@@ -117,7 +118,7 @@ def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | No
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
-        _set(tree, *item.split("=", 1))
+        set_field(tree, *item.split("=", 1))
     tree.setdefault("stage", stage)
     if tree["stage"] is None:
         raise ValueError(f"{path} names no stage")
