@@ -110,15 +110,21 @@ def _fill(node: Any, names: dict[str, Any]) -> Any:
     return node
 
 
-def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> RunConfig:
-    """Read a run config YAML, apply `key.sub=value` overrides (values parsed as YAML) and fill in
-    {root}/{stage}/{prev}. `stage` (from the entry point) is used when the file names none."""
+def read_config_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML config file as a dict, with `key.sub=value` overrides applied (values parsed as YAML)."""
     with open(path) as f:
         tree = yaml.safe_load(f) or {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         set_field(tree, *item.split("=", 1))
+    return tree
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> RunConfig:
+    """Read a run config with overrides and fill in {root}/{stage}/{prev}. `stage` (from the entry
+    point) is used when the file names none."""
+    tree = read_config_tree(path, overrides)
     tree.setdefault("stage", stage)
     if tree["stage"] is None:
         raise ValueError(f"{path} names no stage")

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from ..data.records import read_records
 from ..models.config import VQConfig
 from ..models.vq import VQModel
 from ..processing.image import preprocess_generation
-from .config import set_field
+from .config import read_config_tree
 
 WEIGHTS = "vq.safetensors"
 
@@ -104,13 +103,7 @@ def train_vq(cfg: VQRunConfig) -> dict[str, float]:
 
 
 def load_vq_run_config(path: str | Path, overrides: list[str] = ()) -> VQRunConfig:
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        set_field(tree, *item.split("=", 1))
     try:
-        return VQRunConfig(**tree)
+        return VQRunConfig(**read_config_tree(path, overrides))
     except TypeError as e:
         raise ValueError(f"{path}: {e}") from None
