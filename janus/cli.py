@@ -1,4 +1,4 @@
-"""The `janus` command: generate, chat, convert, info, eval."""
+"""The `janus` command: generate, chat, convert, info, serve, eval."""
 
 from __future__ import annotations
 
@@ -120,6 +120,21 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"stored dtypes: {', '.join(dtypes)}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    model = _load(args)  # first, so that a missing model fails before the slow web imports
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as e:
+        raise SystemExit(f"janus: error: serving needs {e.name}: pip install 'janus-unified[serve]'") from None
+    name = Path(args.model).resolve().name if args.model else "janus"
+    app = create_app(
+        model, model_name=name, api_only=args.api_only, concurrency=args.concurrency, max_batch_images=args.max_batch_images
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="janus", description="Janus-style unified multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="code cache directory (data.code_cache in a run config)")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_tokenize_images)
+
+    s = sub.add_parser("serve", help="Gradio demo and HTTP API (OpenAI-style /v1/chat/completions, /v1/images/generations)")
+    s.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--api-only", action="store_true", help="serve the HTTP API without the Gradio demo")
+    s.add_argument("--concurrency", type=int, default=4, help="requests admitted to the model queue at once (default 4)")
+    s.add_argument("--max-batch-images", type=int, default=16, help="images per merged batch of seedless requests (1: no merging)")
+    s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark", required=True)
     shapes = e.add_parser("shapes", help="exact generation, VQA, POPE and perplexity metrics on the shapes world")

@@ -1,0 +1,126 @@
+"""The Gradio demo: a Chat tab (images + multi-turn, streamed answers) and a Generate tab (text to image).
+
+Both tabs go through the shared `ModelWorker`, and Gradio's queue admits at most `concurrency` events
+at once, so any number of browser users share the one model safely.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import AsyncIterator
+
+import gradio as gr
+from fastapi import FastAPI
+from PIL import Image, ImageDraw
+
+from .worker import ImageSettings, ModelWorker
+
+GENERATE_EXAMPLES = ["a red circle above a blue square", "three small yellow stars on a black background", "a green triangle left of a purple hexagon"]
+
+
+def write_example_images(directory: Path) -> tuple[Path, Path]:
+    """Two simple pictures for the chat examples, drawn here so that the package ships no binaries."""
+    shapes = Image.new("RGB", (384, 384), (200, 200, 200))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse((132, 40, 252, 160), fill=(220, 30, 30))
+    draw.rectangle((132, 210, 252, 330), fill=(40, 60, 220))
+    squares = Image.new("RGB", (384, 384), (20, 20, 20))
+    draw = ImageDraw.Draw(squares)
+    for x in (40, 156, 272):
+        draw.rectangle((x, 156, x + 72, 228), fill=(230, 210, 40))
+    paths = directory / "circle-and-square.png", directory / "three-squares.png"
+    shapes.save(paths[0])
+    squares.save(paths[1])
+    return paths
+
+
+def chat_messages(turns: list[dict]) -> list[dict]:
+    """Janus history turns -> Chatbot messages, each turn's images shown before its text."""
+    return [{"role": t["role"], "content": [*({"path": p} for p in t.get("images", [])), t["content"]]} for t in turns]
+
+
+def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blocks:
+    async def answer(
+        message: dict, turns: list[dict], temperature: float, top_p: float, max_tokens: float, seed: float
+    ) -> AsyncIterator[tuple]:
+        if not message["text"].strip():
+            raise gr.Error("Type a question first.")
+        question = {"role": "user", "content": message["text"], "images": list(message["files"])}
+        options = dict(
+            max_new_tokens=int(max_tokens), temperature=temperature, top_p=None if top_p >= 1 else top_p,
+            seed=None if seed < 0 else int(seed),
+        )
+        reply = {"role": "assistant", "content": ""}
+        yield chat_messages([*turns, question, reply]), turns, None  # show the question, clear the box
+        try:
+            async for piece in worker.chat(question["content"], question["images"], turns, **options):
+                reply["content"] += piece
+                yield chat_messages([*turns, question, reply]), turns, None
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error)) from None
+        yield chat_messages([*turns, question, reply]), [*turns, question, reply], None
+
+    async def generate(
+        prompt: str, n: float, cfg_weight: float, temperature: float, seed: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # follows the pipeline's tqdm bar
+    ) -> list[Image.Image]:
+        if not prompt.strip():
+            raise gr.Error("Type a prompt first.")
+        progress(0, desc="waiting for the model")
+        settings = ImageSettings(cfg_weight=cfg_weight, temperature=temperature)
+        try:
+            return await worker.generate_images(
+                prompt, int(n), settings, seed=None if seed < 0 else int(seed), progress=True
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+
+    with gr.Blocks(title="Janus", analytics_enabled=False) as demo:
+        gr.Markdown("# Janus\nAsk about images, or generate them from text. Requests share one model queue.")
+        with gr.Tab("Chat"):
+            turns = gr.State([])
+            chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
+            box = gr.MultimodalTextbox(
+                placeholder="Attach images and ask about them", file_types=["image"], file_count="multiple",
+                sources=["upload"], show_label=False, elem_id="chat-input",
+            )
+            with gr.Accordion("Sampling", open=False):
+                chat_temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (1 = off)")
+                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
+                chat_seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
+            new_chat = gr.Button("New conversation")
+            gr.Examples(
+                [
+                    [{"text": "What colour is the circle?", "files": [str(example_images[0])]}],
+                    [{"text": "How many squares are there in each picture?", "files": [str(p) for p in example_images]}],
+                ],
+                inputs=[box],
+            )
+            box.submit(answer, [box, turns, chat_temperature, top_p, max_tokens, chat_seed], [chatbot, turns, box])
+            new_chat.click(lambda: ([], []), None, [chatbot, turns], queue=False)
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(label="Prompt", placeholder="a red circle above a blue square", elem_id="prompt")
+            with gr.Row():
+                n = gr.Slider(1, 8, value=4, step=1, label="Number of images")
+                cfg_weight = gr.Slider(0, 20, value=5, step=0.5, label="CFG weight")
+                temperature = gr.Slider(0, 2, value=1, step=0.05, label="Temperature")
+                seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(
+                label="Images", format="png", columns=4, buttons=["download", "fullscreen"], elem_id="gallery"
+            )
+            gr.Examples([[p] for p in GENERATE_EXAMPLES], inputs=[prompt])
+            inputs = [prompt, n, cfg_weight, temperature, seed]
+            button.click(generate, inputs, gallery)
+            prompt.submit(generate, inputs, gallery)
+    return demo
+
+
+def mount_demo(app: FastAPI, worker: ModelWorker, concurrency: int) -> None:
+    """Serve the demo at / of `app`, its queue running `concurrency` events at once."""
+    examples_dir = Path(tempfile.mkdtemp(prefix="janus-serve-"))
+    demo = build_demo(worker, write_example_images(examples_dir))
+    demo.queue(default_concurrency_limit=concurrency)
+    gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, allowed_paths=[str(examples_dir)])

@@ -1,0 +1,254 @@
+"""The HTTP API over real HTTP: uvicorn on a free loopback port, serving a tiny random model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+import janus
+from janus.cli import main
+from janus.serve import create_app, serve_in_background
+from janus.serve.api import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+from janus.testing import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return janus.load(save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with serve_in_background(create_app(model, model_name="tiny", api_only=True, concurrency=8)) as url:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            yield http
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def user(text: str, *images: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}, *({"type": "image_url", "image_url": {"url": u}} for u in images)]}
+
+
+BLUE = data_url(Image.new("RGB", (20, 20), (0, 0, 255)))
+
+
+def test_health(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "queued": 0}
+
+
+def test_images_are_reproducible_with_a_seed(client, model):
+    body = {"prompt": "a red circle", "n": 2, "seed": 7, "cfg": 3.0, "temperature": 0.9, "response_format": "b64_json"}
+    first = client.post("/v1/images/generations", json=body)
+    assert first.status_code == 200, first.text
+    data = first.json()["data"]
+    assert set(first.json()) == {"created", "data"} and len(data) == 2
+    assert all(png(d["b64_json"]).size == (32, 32) for d in data)
+    assert client.post("/v1/images/generations", json=body).json()["data"] == data
+    # exactly what the Python API gives for the same seed and settings
+    direct = model.generate_image("a red circle", n=2, seed=7, cfg_weight=3.0, temperature=0.9)
+    assert [png(d["b64_json"]).tobytes() for d in data] == [im.tobytes() for im in direct]
+
+
+def test_chat_multi_turn_with_images_matches_the_python_api(client, model):
+    messages = [
+        user("What colour is it?", BLUE),
+        {"role": "assistant", "content": "It is blue."},
+        {"role": "user", "content": "And the size?"},
+    ]
+    reply = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "model": "anything"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    history = [
+        {"role": "user", "content": "What colour is it?", "images": [Image.new("RGB", (20, 20), (0, 0, 255))]},
+        {"role": "assistant", "content": "It is blue."},
+    ]
+    assert body["choices"][0]["message"]["content"] == model.chat("And the size?", history=history, max_new_tokens=8)
+
+
+def test_chat_stream_is_openai_sse_ending_with_done(client):
+    body = {"messages": [user("Describe it.", BLUE)], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 3}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole  # same seed, same answer
+    assert len(chunks) > 3  # streamed in pieces, not in one go
+
+
+def _big_png() -> str:
+    side = int(MAX_IMAGE_PIXELS**0.5) + 1
+    return data_url(Image.new("1", (side, side)))  # one bit per pixel: a small file with too many pixels
+
+
+def _truncated_png() -> str:
+    whole = base64.b64decode(BLUE.split(",")[1])
+    return "data:image/png;base64," + base64.b64encode(whole[: len(whole) // 2]).decode()
+
+
+CHAT_ERRORS = {
+    "no messages": ({"messages": []}, "messages"),
+    "missing messages": ({}, "messages: Field required"),
+    "empty text": ({"messages": [{"role": "user", "content": "  "}]}, "messages[0] has no text"),
+    "system role": ({"messages": [{"role": "system", "content": "be nice"}, user("hi")]}, "messages[0].role"),
+    "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    "two user turns": ({"messages": [user("a"), user("b")]}, "messages[1] has role 'user', expected 'assistant'"),
+    "ends with assistant": ({"messages": [user("a"), {"role": "assistant", "content": "b"}]}, "last message"),
+    "unknown field": ({"messages": [user("a")], "frequency_penalty": 1}, "unknown field 'frequency_penalty'"),
+    "unknown message field": ({"messages": [{"role": "user", "content": "a", "name": "x"}]}, "unknown field 'messages[0].name'"),
+    "bad part type": ({"messages": [{"role": "user", "content": [{"type": "audio", "text": "a"}]}]}, "messages[0].content[0]"),
+    "content not text": ({"messages": [{"role": "user", "content": 5}]}, "content must be a string or a list"),
+    "max_tokens 0": ({"messages": [user("a")], "max_tokens": 0}, "max_tokens"),
+    "max_tokens huge": ({"messages": [user("a")], "max_tokens": 10**6}, "max_tokens"),
+    "max_tokens float": ({"messages": [user("a")], "max_tokens": 2.5}, "max_tokens"),
+    "temperature < 0": ({"messages": [user("a")], "temperature": -0.1}, "temperature"),
+    "temperature > 2": ({"messages": [user("a")], "temperature": 2.5}, "temperature"),
+    "top_p 0": ({"messages": [user("a")], "top_p": 0}, "top_p"),
+    "top_p > 1": ({"messages": [user("a")], "top_p": 1.5}, "top_p"),
+    "negative seed": ({"messages": [user("a")], "seed": -1}, "seed"),
+    "stream not bool": ({"messages": [user("a")], "stream": "yes"}, "stream"),
+    "not a data url": ({"messages": [user("a", "https://example.com/a.png")]}, "base64 data URL"),
+    "bad base64": ({"messages": [user("a", "data:image/png;base64,@@@@")]}, "not valid base64"),
+    "not an image": ({"messages": [user("a", "data:image/png;base64," + base64.b64encode(b"hello" * 9).decode())]}, "not an image"),
+    "truncated image": ({"messages": [user("a", _truncated_png())]}, "cannot decode the image"),
+    "too many bytes": ({"messages": [user("a", "data:image/png;base64," + "A" * (MAX_IMAGE_BYTES * 4 // 3 + 8))]}, "larger than the limit"),
+    "too many pixels": ({"messages": [user("a", _big_png())]}, f"the limit is {MAX_IMAGE_PIXELS} pixels"),
+    "too many images": ({"messages": [user("a", *[BLUE] * (MAX_IMAGES_PER_REQUEST + 1))]}, "too many images"),
+    "image from assistant": ({"messages": [user("a"), {**user("b", BLUE), "role": "assistant"}, user("c")]}, "only user messages"),
+    "conversation too long": ({"messages": [user("word " * 600)]}, "conversation too long"),
+}
+
+IMAGE_ERRORS = {
+    "empty prompt": ({"prompt": ""}, "prompt is empty"),
+    "blank prompt": ({"prompt": " \n "}, "prompt is empty"),
+    "missing prompt": ({"n": 1}, "prompt: Field required"),
+    "n 0": ({"prompt": "a", "n": 0}, "n: Input should be greater than or equal to 1"),
+    "n 9": ({"prompt": "a", "n": 9}, "n: Input should be less than or equal to 8"),
+    "n string": ({"prompt": "a", "n": "2"}, "n: Input should be a valid integer"),
+    "cfg < 0": ({"prompt": "a", "cfg": -1}, "cfg"),
+    "cfg huge": ({"prompt": "a", "cfg": 1000}, "cfg"),
+    "temperature < 0": ({"prompt": "a", "temperature": -1}, "temperature"),
+    "top_p 0": ({"prompt": "a", "top_p": 0}, "top_p"),
+    "top_k 0": ({"prompt": "a", "top_k": 0}, "top_k"),
+    "url format": ({"prompt": "a", "response_format": "url"}, "response_format"),
+    "unknown field": ({"prompt": "a", "size": "1024x1024"}, "unknown field 'size'"),
+    "prompt too long": ({"prompt": "word " * 600}, "prompt too long"),
+}
+
+
+@pytest.mark.parametrize("body, expected", CHAT_ERRORS.values(), ids=CHAT_ERRORS.keys())
+def test_chat_validation_errors_are_400_with_a_message(client, body, expected):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert expected in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, expected", IMAGE_ERRORS.values(), ids=IMAGE_ERRORS.keys())
+def test_image_validation_errors_are_400_with_a_message(client, body, expected):
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 400, response.text
+    assert expected in response.json()["error"]["message"]
+
+
+def test_malformed_json_is_400_and_the_server_still_serves(client):
+    response = client.post("/v1/images/generations", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert client.post("/v1/images/generations", json={"prompt": "still here"}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": [user("still here?")], "max_tokens": 2}).status_code == 200
+
+
+def test_internal_errors_are_500_json_and_the_server_keeps_serving(client, model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the accelerator caught fire")
+
+    monkeypatch.setattr(model, "generate_image", broken)
+    monkeypatch.setattr(model, "chat", broken)
+    for path, body in [("/v1/images/generations", {"prompt": "a"}), ("/v1/chat/completions", {"messages": [user("a")]})]:
+        response = client.post(path, json=body)
+        assert response.status_code == 500
+        assert "RuntimeError: the accelerator caught fire" in response.json()["error"]["message"]
+    monkeypatch.undo()
+    assert client.post("/v1/images/generations", json={"prompt": "a"}).status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_concurrent_seedless_requests_share_one_batch(client, model, monkeypatch):
+    calls, release = [], threading.Event()
+    generate = model.generate_image
+
+    def spy(prompts, **kwargs):
+        calls.append(list(prompts))
+        release.wait(10)  # hold the first call so that the others queue up behind it
+        return generate(prompts, **kwargs)
+
+    monkeypatch.setattr(model, "generate_image", spy)
+    requests = [{"prompt": "first"}, {"prompt": "b", "n": 2}, {"prompt": "c"}, {"prompt": "seeded", "seed": 1}, {"prompt": "greedy", "temperature": 0}]
+    results = [None] * len(requests)
+
+    def post(i: int) -> None:
+        results[i] = client.post("/v1/images/generations", json=requests[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    while client.get("/health").json()["queued"] < len(requests) - 1:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join()
+    assert [len(r.json()["data"]) for r in results] == [1, 2, 1, 1, 1]
+    # b and c share settings and no seed: one call; the seeded and the greedy requests run alone
+    assert sorted(sorted(call) for call in calls) == [["b", "b", "c"], ["first"], ["greedy"], ["seeded"]]
+
+
+def test_a_client_leaving_mid_stream_stops_the_model(client, model, monkeypatch):
+    closed = threading.Event()
+
+    def endless(message, stream, **kwargs):
+        def pieces():
+            try:
+                while True:
+                    time.sleep(0.01)
+                    yield "la "
+            finally:
+                closed.set()
+
+        return pieces()
+
+    monkeypatch.setattr(model, "chat", endless)
+    with client.stream("POST", "/v1/chat/completions", json={"messages": [user("sing")], "stream": True}) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(3)][-1].startswith("data: ")
+    assert closed.wait(10)  # the worker noticed and closed the generator, freeing the model
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json={"messages": [user("next")], "max_tokens": 2}).status_code == 200
+
+
+def test_serve_without_a_model_says_there_is_no_default_yet(capsys):
+    assert main(["serve", "--api-only"]) == 2
+    assert "no built-in default model" in capsys.readouterr().err
