@@ -6,7 +6,6 @@ processor can be exercised without downloading anything. Heavy libraries are imp
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -102,39 +101,10 @@ def save_tiny_tokenizer(directory: str | Path) -> Path:
 
 
 def save_tiny_sentencepiece(directory: str | Path) -> Path:
-    """Write `tokenizer.model`: a sentencepiece BPE model with byte fallback and the same special tokens.
+    """Write `tokenizer.model`: a sentencepiece BPE model of TINY_VOCAB_SIZE pieces with the special tokens."""
+    from .processing.tokenizer import train_sentencepiece
 
-    All six specials are user-defined symbols rather than control symbols, so that they are parsed
-    atomically from text: the chat template writes the EOS token after every assistant turn.
-    """
-    import sentencepiece as spm
-
-    from janus.processing.tokenizer import SPECIAL_TOKENS
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()  # rather than model_prefix, which would record the directory in the file
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tiny_corpus()),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=TINY_VOCAB_SIZE,
-        user_defined_symbols=list(SPECIAL_TOKENS.values()),
-        unk_id=0,
-        bos_id=-1,  # BOS/EOS/pad are the user-defined DeepSeek tokens above
-        eos_id=-1,
-        pad_id=-1,
-        byte_fallback=True,  # any text (emoji, CJK) is encodable
-        character_coverage=1.0,
-        normalization_rule_name="identity",  # NFKC would rewrite the full-width bars in the specials
-        add_dummy_prefix=False,  # like the byte-level tokenizer: text round-trips exactly
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    (directory / "tokenizer.model").write_bytes(model.getvalue())
-    return directory
+    return train_sentencepiece(tiny_corpus(), directory, TINY_VOCAB_SIZE)
 
 
 def randomize(model, seed: int = 0) -> None:

@@ -137,6 +137,36 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
         load_run_config(REPO / f"configs/janus-pro-{size}.yaml", stage=2)
 
 
+def test_per_stage_sections_merge_under_command_line_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "init_from: x\ntrain: {steps: 5, micro_batch_size: 2}\n"
+        "stages: {2: {train: {steps: 50}, optim: {lr: 0.002}}, 3: {data: {ratios: {understanding: 1, text: 0, generation: 1}}}}\n"
+    )
+    two = load_run_config(config, [], stage=2)
+    assert (two.train.steps, two.train.micro_batch_size, two.optim.lr) == (50, 2, 0.002)
+    assert load_run_config(config, ["train.steps=7"], stage=2).train.steps == 7
+    one = load_run_config(config, [], stage=1)
+    assert (one.train.steps, one.optim.lr) == (5, 1e-3)  # no section: the file's values and the stage's defaults
+    assert load_run_config(config, [], stage=3).data.ratios == {"understanding": 1, "text": 0, "generation": 1}
+    config.write_text("init_from: x\nstages: [1, 2]\n")
+    with pytest.raises(ValueError, match="`stages` must map"):
+        load_run_config(config, [], stage=1)
+    cfg = load_run_config(REPO / "configs/default/run.yaml", [], stage=2)
+    assert cfg.train.cpu_autocast and cfg.train.steps > load_run_config(REPO / "configs/default/run.yaml", [], stage=1).train.steps
+
+
+def test_cpu_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
+    root = make_tiny_run(tmp_path / "run")
+    run(command(2, root, "init_from={root}/stage0/export", "train.steps=30", "optim.lr=0.003", "optim.warmup_steps=2",
+                "train.cpu_autocast=true", "checkpoint.every=1000"))
+    record = losses(root / "stage2")
+    assert record[30]["loss"] < 0.7 * record[1]["loss"], (record[1]["loss"], record[30]["loss"])
+    after = weights(root / "stage2" / "export")
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert changed(weights(root / "stage0" / "export"), after, "decoder.")
+
+
 def test_stage_freezing_policy():
     from janus.models.config import JanusConfig
     from janus.models.unified import JanusModel

@@ -173,8 +173,9 @@ class Quantizer(nn.Module):
         """z [B, D, h, w] -> (unit-norm z [B, h, w, D], codes [B, h, w])."""
         z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
         # Between unit vectors |z - e|^2 = 2 - 2 z.e, so the nearest entry has the largest dot product.
-        # Scored in float32 so low-precision weights do not flip near-ties.
-        codes = (z.float() @ self.codebook().float().T).argmax(dim=-1)
+        # Scored in float32 (also under autocast) so low-precision weights do not flip near-ties.
+        with torch.autocast(z.device.type, enabled=False):
+            codes = (z.float() @ self.codebook().float().T).argmax(dim=-1)
         return z, codes
 
     def lookup(self, codes: Tensor) -> Tensor:

@@ -76,6 +76,43 @@ class Tokenizer:
         return self._backend.decode(ids, skip_special)
 
 
+def train_sentencepiece(texts: Iterable[str], directory: str | Path, vocab_size: int) -> Path:
+    """Train a sentencepiece BPE `tokenizer.model` on `texts` into `directory`, with the special tokens.
+
+    The specials are user-defined symbols rather than control symbols, so they are parsed atomically
+    from text (the chat template writes EOS after every assistant turn). Byte fallback keeps any text
+    encodable, and no normalisation or dummy prefix is applied, so text round-trips exactly.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()  # rather than model_prefix, which would record the directory in the file
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        user_defined_symbols=list(SPECIAL_TOKENS.values()),
+        unk_id=0,
+        bos_id=-1,  # BOS/EOS/pad are the user-defined DeepSeek tokens above
+        eos_id=-1,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # NFKC would rewrite the full-width bars in the specials
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return directory
+
+
 class StreamDecoder:
     """Turns generated ids into text pieces as they arrive, for chat streaming.
 

@@ -2,7 +2,9 @@
 optimiser and schedule, the DeepSpeed config and where checkpoints go. Unset values take the stage's
 defaults from DESIGN.md §6; `--set key.sub=value` overrides any field from the command line.
 Relative paths are relative to the working directory. Strings may use `{root}` (the config's `root`),
-`{stage}` and `{prev}` (the stage before), so one file can describe a whole three-stage run."""
+`{stage}` and `{prev}` (the stage before), and a `stages:` mapping holds per-stage values (e.g.
+`stages: {2: {train: {steps: 5000}}}`) merged over the rest, so one file can describe a whole
+three-stage run."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     activation_checkpointing: bool = False
+    cpu_autocast: bool = False  # on CPU, bf16 autocast of the forward (fp32 weights); GPUs use DeepSpeed's bf16
     peak_tflops: float | None = None  # per process, for the MFU estimate; None: known GPUs only
 
 
@@ -110,10 +113,24 @@ def _fill(node: Any, names: dict[str, Any]) -> Any:
     return node
 
 
-def read_config_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """A YAML config file as a dict, with `key.sub=value` overrides applied (values parsed as YAML)."""
+def _merge(base: dict, update: dict) -> dict:
+    """`base` with `update` merged in recursively (update wins)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_config_tree(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> dict[str, Any]:
+    """A YAML config file as a dict: its `stages[stage]` section merged in (when `stage` is given),
+    then `key.sub=value` overrides applied (values parsed as YAML)."""
     with open(path) as f:
         tree = yaml.safe_load(f) or {}
+    if stage is not None:
+        per_stage = tree.pop("stages", None) or {}
+        if not isinstance(per_stage, dict) or not all(isinstance(v, dict) for v in per_stage.values()):
+            raise ValueError(f"{path}: `stages` must map stage numbers to config sections")
+        tree = _merge(tree, per_stage.get(stage, {}))
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
@@ -124,10 +141,13 @@ def read_config_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, A
 def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> RunConfig:
     """Read a run config with overrides and fill in {root}/{stage}/{prev}. `stage` (from the entry
     point) is used when the file names none."""
-    tree = read_config_tree(path, overrides)
-    tree.setdefault("stage", stage)
-    if tree["stage"] is None:
+    with open(path) as f:
+        named = (yaml.safe_load(f) or {}).get("stage")
+    stage = named if named is not None else stage
+    if stage is None:
         raise ValueError(f"{path} names no stage")
+    tree = read_config_tree(path, overrides, stage)
+    tree["stage"] = stage
     try:
         tree = _fill(tree, {"root": tree.get("root", "."), "stage": tree["stage"], "prev": tree["stage"] - 1})
     except (KeyError, IndexError, TypeError) as e:

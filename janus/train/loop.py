@@ -141,6 +141,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     token_flops = flops_per_token(model, cfg.data.seq_len)
 
+    autocast = cfg.train.cpu_autocast and device.type == "cpu"
     bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     while step < cfg.train.steps:
         started = time.perf_counter()
@@ -149,7 +150,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         stats = torch.zeros(2 * len(KINDS) + 1, dtype=torch.float64, device=device)
         for _ in range(cfg.train.grad_accum):
             batch = collate([next(stream) for _ in range(cfg.train.micro_batch_size)]).to(device)
-            losses = engine(batch)
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                losses = engine(batch)
             counted = batch.targets != IGNORE
             engine.backward(losses.sum() / counted.sum().clamp(min=1))
             engine.step()

@@ -41,6 +41,7 @@ class VQRunConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     eval_every: int = 500
+    cpu_autocast: bool = False  # on CPU, bf16 autocast of the forward (fp32 weights, float32 code search)
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
@@ -80,18 +81,26 @@ def train_vq(cfg: VQRunConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     order = random.Random(cfg.seed)
     log = open(out / "metrics.jsonl", "w")
-    metrics = {"step": 0, **evaluate(vq, heldout, cfg.batch_size)}
+    # Evaluations during training share the training precision; the final one runs in float32.
+    def autocast(final: bool = False) -> torch.autocast:
+        return torch.autocast("cpu", torch.bfloat16, enabled=cfg.cpu_autocast and not final)
+
+    with autocast():
+        metrics = {"step": 0, **evaluate(vq, heldout, cfg.batch_size)}
     log.write(json.dumps(metrics) + "\n")
+    log.flush()
     for step in range(1, cfg.steps + 1):
         x = train_images[order.sample(range(len(train_images)), min(cfg.batch_size, len(train_images)))]
-        result = vq(x)
-        reconstruction = torch.nn.functional.mse_loss(result.reconstruction, x)
+        with autocast():
+            result = vq(x)
+        reconstruction = torch.nn.functional.mse_loss(result.reconstruction.float(), x)
         loss = reconstruction + result.codebook_loss + result.commitment_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics = {"step": step, "loss": float(loss), "reconstruction": float(reconstruction), **evaluate(vq, heldout, cfg.batch_size)}
+            with autocast(final=step == cfg.steps):
+                metrics = {"step": step, "loss": float(loss), "reconstruction": float(reconstruction), **evaluate(vq, heldout, cfg.batch_size)}
             log.write(json.dumps(metrics) + "\n")
             log.flush()
     log.close()
