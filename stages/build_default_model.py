@@ -1,0 +1,114 @@
+"""Build the built-in default model end to end on the shapes world (docs/default_model.md):
+
+    python stages/build_default_model.py [--root runs/default] [--install]
+
+1. the shapes data set (64 px, training and held-out splits)
+2. stage 0: the VQ image tokenizer (configs/default/vq.yaml)
+3. a sentencepiece text tokenizer trained on the training split's text
+4. a freshly initialised model around them (configs/models/shapes.yaml): the stage-0 export
+5. the VQ codes of every generation image (`janus tokenize-images`)
+6. stages 1, 2 and 3 (configs/default/run.yaml)
+7. `janus eval shapes` on the result
+8. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+
+A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
+running the command again continues a build. Wall time per step goes to ROOT/timings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCENES = 60_000
+TOKENIZER_VOCAB = 512
+STAGE_SCRIPTS = {1: "stage1_adaptors.py", 2: "stage2_pretrain.py", 3: "stage3_sft.py"}
+
+
+def training_texts(data: Path, roles: tuple[str, str]):
+    """Every string the model reads or writes in training, rendered as the data pipeline renders it
+    (chat template, system prompt), so the roles and the system prompt get pieces of their own."""
+    from janus.processing.chat import DEFAULT_SYSTEM_PROMPT, generation_prompt, render_chat
+
+    for kind in ("generation", "understanding", "text"):
+        with open(data / "train" / f"{kind}.jsonl", encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if kind == "generation":
+                    yield generation_prompt(record["caption"], roles)
+                elif kind == "text":
+                    yield record["text"]
+                else:
+                    yield render_chat(record["conversation"], roles, DEFAULT_SYSTEM_PROMPT)
+
+
+def run(*command: str) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the built-in default model on the shapes world")
+    parser.add_argument("--root", default="runs/default", help="working directory of the build (default runs/default)")
+    parser.add_argument("--install", action="store_true", help="copy the result into janus/default_model")
+    args = parser.parse_args()
+    root = (REPO / args.root).resolve()
+    overrides = ["--set", f"root={root}"]
+    timings_file = root / "timings.json"
+    root.mkdir(parents=True, exist_ok=True)
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    def step(name: str, output: Path, action) -> None:
+        if output.exists():
+            print(f"[{name}] done already: {output}")
+            return
+        print(f"[{name}] ...", flush=True)
+        started = time.perf_counter()
+        action()
+        timings[name] = round(time.perf_counter() - started, 1)
+        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+
+    from janus.data.shapes import write_dataset
+    from janus.models.config import JanusConfig
+    from janus.processing.tokenizer import train_sentencepiece
+    from janus.train.assemble import assemble_model
+
+    cfg = JanusConfig.preset("shapes")
+    data = root / "data"
+    step("data", data / "heldout" / "scenes.jsonl", lambda: write_dataset(data, SCENES, seed=0, resolution=64, splits={"train": 0.95, "heldout": 0.05}))
+    vq = root / "vq"
+    step("stage0_vq", vq / "vq.safetensors", lambda: run(sys.executable, "stages/stage0_vq.py", "--config", "configs/default/vq.yaml", "--set", f"out={vq}",
+                                                          "--set", f"train_data=[{data}/train/generation.jsonl]", "--set", f"heldout_data=[{data}/heldout/generation.jsonl]"))
+    tokenizer = root / "tokenizer"
+    step("tokenizer", tokenizer / "tokenizer.model", lambda: train_sentencepiece(training_texts(data, cfg.roles), tokenizer, TOKENIZER_VOCAB))
+    stage0 = root / "stage0" / "export"
+    step("assemble", stage0, lambda: assemble_model(cfg, vq / "vq.safetensors", tokenizer, stage0))
+    codes = root / "codes"
+    step("tokenize_images", codes, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(data / "train" / "generation.jsonl"),
+                                               "--model", str(stage0), "--out", str(codes)))
+    for stage, script in STAGE_SCRIPTS.items():
+        step(f"stage{stage}", root / f"stage{stage}" / "export",
+             lambda script=script: run(sys.executable, f"stages/{script}", "--config", "configs/default/run.yaml", "--resume", *overrides))
+    final = root / "stage3" / "export"
+    step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))
+    if args.install:
+        from janus.pipeline import DEFAULT_MODEL_DIR
+
+        staging = DEFAULT_MODEL_DIR.with_name(".default_model.new")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(final, staging)
+        shutil.copy2(root / "eval.json", staging / "eval.json")
+        shutil.rmtree(DEFAULT_MODEL_DIR, ignore_errors=True)
+        staging.rename(DEFAULT_MODEL_DIR)
+        print(f"installed {final} as {DEFAULT_MODEL_DIR}")
+    print(json.dumps(timings, indent=2))
+
+
+if __name__ == "__main__":
+    main()
