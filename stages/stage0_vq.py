@@ -1,6 +1,6 @@
 """Stage 0: train the VQ image tokenizer (reconstruction, codebook and commitment losses).
 
-    python stages/stage0_vq.py --config configs/shapes-vq.yaml [--set steps=4000]
+    python stages/stage0_vq.py --config configs/default/vq.yaml [--set steps=4000]
 """
 
 import argparse

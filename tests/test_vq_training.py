@@ -23,7 +23,7 @@ def test_stage0_improves_reconstruction_and_writes_a_loadable_vq(tmp_path):
     out = tmp_path / "vq"
     vq = "{image_size: 32, codebook_size: 64, codebook_dim: 8, z_channels: 32, base_channels: 32, channel_mult: [1, 1, 2], num_res_blocks: 1}"
     cmd = [
-        sys.executable, "stages/stage0_vq.py", "--config", "configs/shapes-vq.yaml",
+        sys.executable, "stages/stage0_vq.py", "--config", "configs/default/vq.yaml", "--set", "cpu_autocast=false",
         "--set", f"train_data=[{tmp_path}/data/train/generation.jsonl]",
         "--set", f"heldout_data=[{tmp_path}/data/heldout/generation.jsonl]",
         "--set", f"out={out}", "--set", f"vq={vq}", "--set", "steps=240", "--set", "batch_size=16",
