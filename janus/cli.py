@@ -88,7 +88,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from .eval.shapes_eval import EVAL_SEED, evaluate, format_report
 
     seed = EVAL_SEED if args.seed is None else args.seed
-    results = evaluate(_load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True)
+    results = evaluate(_load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True, cfg_weight=args.cfg)
     results["settings"]["model"] = args.model
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=None, help="evaluation seed (default 1000; see docs/shapes.md)")
     shapes.add_argument("--k", type=int, default=4, help="images per generation prompt (default 4)")
     shapes.add_argument("--per-category", type=int, default=50, help="prompts / questions per category (default 50)")
+    shapes.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight for generation (default 5)")
     shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
     shapes.set_defaults(func=cmd_eval_shapes)

@@ -19,7 +19,7 @@ from .processing.tokenizer import IMAGE_TOKEN, StreamDecoder, Tokenizer
 from .sampling import Sampling, generate_image_codes, generate_text, image_step
 
 ImageInput = str | Path | Image.Image
-# The built-in default model ships inside the package once it is trained (see the README).
+# The built-in default model ships inside the package (docs/default_model.md).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
@@ -212,8 +212,8 @@ def load(
         path = DEFAULT_MODEL_DIR
         if not (path / "config.json").is_file():
             raise CheckpointError(
-                "janus has no built-in default model yet (it is trained by the project's own pipeline and "
-                "not shipped in this version); pass a checkpoint directory or set JANUS_MODEL"
+                f"the built-in default model is missing from this installation ({path}); rebuild it with "
+                "`python stages/build_default_model.py --install`, or pass a checkpoint directory or set JANUS_MODEL"
             )
     model = load_model(path, device, dtype)
     try:

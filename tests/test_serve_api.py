@@ -249,6 +249,7 @@ def test_a_client_leaving_mid_stream_stops_the_model(client, model, monkeypatch)
     assert client.post("/v1/chat/completions", json={"messages": [user("next")], "max_tokens": 2}).status_code == 200
 
 
-def test_serve_without_a_model_says_there_is_no_default_yet(capsys):
+def test_serve_without_a_model_or_default_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(janus.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "none")
     assert main(["serve", "--api-only"]) == 2
-    assert "no built-in default model" in capsys.readouterr().err
+    assert "built-in default model is missing" in capsys.readouterr().err

@@ -212,7 +212,9 @@ def caption_perplexity(model: Janus, n_captions: int, seed: int = EVAL_SEED) -> 
 # ---------------------------------------------------------------- all together
 
 
-def evaluate(model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_SEED, progress: bool = False) -> dict:
+def evaluate(
+    model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_SEED, progress: bool = False, cfg_weight: float = 5.0
+) -> dict:
     """Every shapes metric of a loaded `janus.Janus` model.
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
@@ -222,8 +224,8 @@ def evaluate(model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
     model.model.eval()
     return {
-        "settings": {"seed": seed, "k": k, "per_category": per_category, "understanding_resolution": model.cfg.vision.image_size},
-        "generation": evaluate_generation(model, per_category, k, seed),
+        "settings": {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "understanding_resolution": model.cfg.vision.image_size},
+        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight),
         "understanding": evaluate_understanding(model, per_category, seed, progress),
         "text": caption_perplexity(model, per_category * len(GEN_CATEGORIES), seed),
     }
