@@ -181,8 +181,11 @@ def test_stage_freezing_policy():
         assert not any(p.requires_grad for p in model.vq.parameters())
 
 
-def test_learning_rate_warms_up_then_stays_constant(tmp_path):
+def test_learning_rate_warms_up_stays_constant_and_optionally_decays(tmp_path):
     root = make_tiny_run(tmp_path / "run")
     run(command(1, root, "train.steps=5", "optim.warmup_steps=4", "optim.lr=0.002", "checkpoint.every=100"))
     lrs = [r["lr"] for r in losses(root / "stage1").values()]
     assert lrs == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002])
+    run(command(2, root, "train.steps=6", "optim.warmup_steps=2", "optim.decay_steps=3", "optim.lr=0.003", "checkpoint.every=100"))
+    lrs = [r["lr"] for r in losses(root / "stage2").values()]
+    assert lrs == pytest.approx([0.0015, 0.003, 0.003, 0.003, 0.002, 0.001])

@@ -33,6 +33,7 @@ class DataConfig:
 class OptimConfig:
     lr: float | None = None  # default: the stage's
     warmup_steps: int | None = None  # default: the stage's; then constant
+    decay_steps: int = 0  # linear decay over the last steps (warm-up, stable, decay); 0: constant to the end
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -97,6 +97,16 @@ def deepspeed_config(cfg: RunConfig, cuda: bool) -> dict:
     return ds
 
 
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Learning-rate multiplier for 0-based optimiser step `step`: linear warm-up, then constant, then
+    (with `optim.decay_steps`) a linear decay over the run's last steps, down to 1/decay_steps."""
+    factor = min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else 1.0
+    decay = cfg.optim.decay_steps
+    if decay and step >= cfg.train.steps - decay:
+        factor *= (cfg.train.steps - step) / decay
+    return factor
+
+
 def flops_per_token(model: JanusModel, seq_len: int) -> float:
     """Training FLOPs per token: 6 x decoder parameters plus attention (the usual estimate)."""
     d = model.cfg.decoder
@@ -120,8 +130,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     data_vq = copy.deepcopy(model.vq).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    warmup = cfg.optim.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=LossModule(model), optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, device.type == "cuda")
     )
