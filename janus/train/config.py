@@ -123,10 +123,11 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def read_config_tree(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> dict[str, Any]:
-    """A YAML config file as a dict: its `stages[stage]` section merged in (when `stage` is given),
-    then `key.sub=value` overrides applied (values parsed as YAML)."""
+    """A YAML config file as a dict: its `stages[stage]` section merged in (for the file's own `stage`,
+    else the given one, if any), then `key.sub=value` overrides applied (values parsed as YAML)."""
     with open(path) as f:
         tree = yaml.safe_load(f) or {}
+    stage = tree.get("stage", stage)  # a stage named in the file wins
     if stage is not None:
         per_stage = tree.pop("stages", None) or {}
         if not isinstance(per_stage, dict) or not all(isinstance(v, dict) for v in per_stage.values()):
@@ -142,13 +143,10 @@ def read_config_tree(path: str | Path, overrides: list[str] = (), stage: int | N
 def load_run_config(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> RunConfig:
     """Read a run config with overrides and fill in {root}/{stage}/{prev}. `stage` (from the entry
     point) is used when the file names none."""
-    with open(path) as f:
-        named = (yaml.safe_load(f) or {}).get("stage")
-    stage = named if named is not None else stage
-    if stage is None:
-        raise ValueError(f"{path} names no stage")
     tree = read_config_tree(path, overrides, stage)
-    tree["stage"] = stage
+    tree.setdefault("stage", stage)
+    if tree["stage"] is None:
+        raise ValueError(f"{path} names no stage")
     try:
         tree = _fill(tree, {"root": tree.get("root", "."), "stage": tree["stage"], "prev": tree["stage"] - 1})
     except (KeyError, IndexError, TypeError) as e:
