@@ -317,6 +317,7 @@ def save_model(
                     shutil.copy2(f, tmp / f.name)
         _write_shards(layout_state(model, layout), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _set_public_modes(tmp)
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
@@ -324,6 +325,16 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _set_public_modes(directory: Path) -> None:
+    """Give a directory made by mkdtemp (0700) and the files in it the modes a plain mkdir/open would
+    (under the umask), so a checkpoint can be shared like any other directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _is_weight_file(f: Path) -> bool:

@@ -104,9 +104,6 @@ def main() -> None:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(final, staging)
         shutil.copy2(root / "eval.json", staging / "eval.json")
-        staging.chmod(0o755)  # checkpoint writes are private temporary files; the package's copy is not
-        for f in staging.iterdir():
-            f.chmod(0o644)
         shutil.rmtree(DEFAULT_MODEL_DIR, ignore_errors=True)
         staging.rename(DEFAULT_MODEL_DIR)
         print(f"installed {final} as {DEFAULT_MODEL_DIR}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import timm
@@ -48,6 +50,16 @@ def test_sharded_and_bin_checkpoints_load_identically(native, tmp_path):
     loaded = load_model(bin_dir, "cpu", dtype="bfloat16")
     assert loaded.decoder.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.decoder.lm_head.weight, model.decoder.lm_head.weight.to(torch.bfloat16))
+
+
+def test_saved_checkpoint_has_the_modes_of_a_plain_directory(native, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = save_model(load_model(native, "cpu"), tmp_path / "shared", "native", extra_files_from=native)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's private 0700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
 
 
 def test_bookkeeping_keys_are_ignored(official):
