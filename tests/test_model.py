@@ -114,3 +114,23 @@ def test_loading_does_not_hold_two_copies(tmp_path):
     before, peak = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split())
     assert weights > 100e6
     assert 0.9 * weights < peak - before < 1.25 * weights, (peak - before) / weights
+
+
+def test_decode_sized_linear_matches_f_linear():
+    """The few-row CPU path of janus.models.linear.Linear (W @ x.T, one row padded to two) computes
+    what F.linear computes, for every row count around its limit, with and without bias."""
+    from janus.models.linear import DECODE_ROWS, Linear
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        layer = Linear(48, 80, bias=bias)
+        for shape in ((48,), (1, 1, 48), (2, 1, 48), (3, 5, 48), (DECODE_ROWS, 48), (DECODE_ROWS + 1, 48)):
+            x = torch.randn(shape)
+            out = layer(x)
+            assert out.shape == (*shape[:-1], 80) and out.is_contiguous()
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # Gradients flow through the fast path as through F.linear.
+    x = torch.randn(2, 48, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)

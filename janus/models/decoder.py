@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
 from .config import DecoderConfig
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +58,8 @@ class KVCache(nn.Module):
     def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write at `cache_pos` of the first k.shape[0] rows (a call may use fewer rows than allocated)."""
         b = k.shape[0]
-        self.k[:b].index_copy_(2, cache_pos, k)
-        self.v[:b].index_copy_(2, cache_pos, v)
+        self.k[:b, :, cache_pos] = k
+        self.v[:b, :, cache_pos] = v
         return self.k[:b], self.v[:b]
 
 
@@ -66,10 +67,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_pos: Tensor | None) -> Tensor:
@@ -88,9 +89,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -116,7 +117,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers = False  # training: recompute each layer in the backward pass to save memory
 
     def setup_cache(self, batch: int, max_len: int) -> None:
