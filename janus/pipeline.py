@@ -201,12 +201,16 @@ class Janus:
 
 
 def load(
-    path: str | Path | None = None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+    path: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    compile: bool | None = None,
 ) -> Janus:
     """Load a checkpoint directory (official, transformers or native layout) with its tokenizer.
 
     `path=None` loads the built-in default model. device/dtype "auto": CUDA and bfloat16 when a GPU
-    is present, else CPU and float32.
+    is present, else CPU and float32. `compile` compiles the image-token step with torch.compile
+    (default: on CUDA only; on CPU it needs a C++ compiler and pays a one-off compile per shape).
     """
     if path is None:
         path = DEFAULT_MODEL_DIR
@@ -220,7 +224,7 @@ def load(
         tokenizer = Tokenizer.from_dir(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
-    return Janus(model, tokenizer)
+    return Janus(model, tokenizer, compile)
 
 
 _default: Janus | None = None
