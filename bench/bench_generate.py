@@ -5,7 +5,8 @@ process so its peak memory is its own. Reported per case: images/s, time per ima
 memory, the speed-up over transformers, and the memory-bandwidth floor (bytes of weights and KV cache
 read per step over the measured copy bandwidth). VQ decoding is excluded on both sides (same code).
 
-    python bench/bench_generate.py                      # CPU: 576-token model, 256 wide, 4 layers; n = 1, 4
+    python bench/bench_generate.py                      # CPU: 576-token model, 256 wide, 4 layers; n = 1, 4;
+                                                        # janus eager and compiled (janus.load(compile=True))
     python bench/bench_generate.py --device cuda --preset janus-pro-1b --n 16
 """
 
@@ -89,11 +90,11 @@ def run_case(impl: str, path: Path, n: int, device: torch.device, dtype: torch.d
 
     torch.manual_seed(0)
     prompt = [0] + torch.randint(10, 100, (PROMPT_LEN - 2,)).tolist() + [4]
-    if impl == "janus":
+    if impl.startswith("janus"):
         from janus.sampling import Sampling, generate_image_codes, image_step
 
         model = load_model(path, device, dtype)
-        compiled = device.type == "cuda"
+        compiled = device.type == "cuda" or impl == "janus-compiled"
         step = torch.compile(image_step, mode="reduce-overhead", fullgraph=True) if compiled else image_step
         generator = torch.Generator(device).manual_seed(0)
 
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default=None, help="model size preset (default: the small CPU model)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="images per prompt")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "N", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,7 +158,8 @@ def main() -> None:
     rows = []
     for n in args.n:
         result = {}
-        for impl in ("janus", "transformers"):
+        # On CPU the compiled step is optional (it needs a C++ compiler), so both are measured.
+        for impl in ("janus", "janus-compiled", "transformers") if device.type == "cpu" else ("janus", "transformers"):
             cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--case", impl, str(n), str(ckpt)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
@@ -179,9 +181,9 @@ def main() -> None:
     name = f"generate-{device.type}-{args.preset or 'cpu-small'}.json"
     (out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{machine}, {report['preset']}, {dtype}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'impl':<13}{'n':>3}{'img/s':>9}{'ms/step':>9}{'peak MiB':>10}{'floor ms':>10}{'x floor':>9}{'speed-up':>10}")
+    print(f"{'impl':<16}{'n':>3}{'img/s':>9}{'ms/step':>9}{'peak MiB':>10}{'floor ms':>10}{'x floor':>9}{'speed-up':>10}")
     for r in rows:
-        print(f"{r['impl']:<13}{r['n']:>3}{r['images_per_s']:>9.3f}{r['ms_per_step']:>9.2f}{r['peak_mib']:>10.0f}"
+        print(f"{r['impl']:<16}{r['n']:>3}{r['images_per_s']:>9.3f}{r['ms_per_step']:>9.2f}{r['peak_mib']:>10.0f}"
               f"{r['floor_ms_per_step']:>10.3f}{r['x_floor']:>9.1f}{r['speedup_vs_transformers']:>10.2f}")
     print(f"wrote {out / name}")
 
