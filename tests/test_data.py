@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from janus.data import (
@@ -27,7 +28,6 @@ from janus.data import (
     SampleBuilder,
     build_sample,
     collate,
-    document_mask,
     encode_images,
     image_key,
     make_image_codes_fn,
@@ -36,6 +36,7 @@ from janus.data import (
     write_code_cache,
 )
 from janus.data.mixture import KindStream
+from janus.models.attention import Documents, attention, varlen_attention
 from janus.models.config import JanusConfig
 from janus.models.unified import IGNORE, JanusModel
 from janus.processing import DEFAULT_SYSTEM_PROMPT, Tokenizer, generation_prompt, render_chat
@@ -443,7 +444,7 @@ def test_over_long_samples_are_skipped(dataset, tokenizer):
 
 def test_document_mask():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, -1, -1]])
-    mask = document_mask(doc_ids)[0, 0]
+    mask = Documents(doc_ids).mask[0, 0]
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
@@ -454,6 +455,36 @@ def test_document_mask():
         [0, 0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def reference_varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """flash_attn_varlen_func's contract in plain PyTorch: causal attention within each run."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k) and causal
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    assert max_seqlen_q == max_seqlen_k == max(lengths) and sum(lengths) == q.shape[0]
+    out = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        run = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]
+        out.append(F.scaled_dot_product_attention(*run, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_documents_runs_and_varlen_path_match_the_dense_mask():
+    """The flash-attn varlen path (runs over flattened rows) computes what the dense document mask
+    computes at every non-padding position, grouped KV heads included. On CPU the kernel is a
+    plain-PyTorch stand-in with flash-attn's signature; on CUDA flash-attn's own kernel runs."""
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, -1, -1], [0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 2, 2, 2, -1]])
+    docs = Documents(doc_ids)
+    cu_seqlens, longest = docs.runs
+    assert cu_seqlens.tolist() == [0, 2, 5, 7, 14, 15, 16, 20, 21] and longest == 7
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 7, 8)
+    k, v = torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    varlen = varlen_attention(q, k, v, docs, kernel=reference_varlen_kernel)
+    dense = attention(q, k, v, docs)  # no flash-attn here: the dense mask
+    real = (doc_ids >= 0)[:, None, :, None].expand_as(q)
+    torch.testing.assert_close(varlen[real], dense[real])
+    assert not torch.equal(dense, attention(q, k, v, None))  # the documents really separate
 
 
 def test_packed_loss_equals_unpacked_loss(dataset, tokenizer, model, codes_fn):
@@ -481,7 +512,7 @@ def test_packed_loss_equals_unpacked_loss(dataset, tokenizer, model, codes_fn):
 
     with torch.no_grad():
         hidden = model(batch.tokens, batch.image_mask, batch.pixels, batch.code_mask, batch.positions,
-                       document_mask(batch.doc_ids))
+                       Documents(batch.doc_ids))
         packed = model.token_losses(hidden, batch.targets, batch.target_is_code)
         assert not packed[batch.doc_ids == -1].any()
         doc_losses = [packed[b][batch.doc_ids[b] == d].sum() for b in range(len(rows))

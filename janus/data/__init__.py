@@ -2,7 +2,7 @@
 
 from .codes import CodeCache, encode_images, image_key, make_image_codes_fn, tokenize_images, write_code_cache
 from .mixture import Mixture
-from .packing import Batch, Packer, PackedStream, collate, document_mask
+from .packing import Batch, Packer, PackedStream, collate
 from .records import KINDS, DataWarning, Manifest, Record, read_records
 from .sequences import Sample, SampleBuilder, build_sample
 
@@ -20,7 +20,6 @@ __all__ = [
     "SampleBuilder",
     "build_sample",
     "collate",
-    "document_mask",
     "encode_images",
     "image_key",
     "make_image_codes_fn",

@@ -2,7 +2,7 @@
 
 Samples are packed in arrival order (next-fit): one that does not fit closes the row, which is padded,
 and opens the next. Each document keeps its own RoPE positions (from 0) and, through
-`document_mask`, attends only to itself, so a packed row computes exactly what the documents would
+`janus.models.attention.Documents(batch.doc_ids)`, attends only to itself, so a packed row computes exactly what the documents would
 compute one by one.
 """
 
@@ -48,16 +48,6 @@ def collate(rows: list[Batch]) -> Batch:
     fields = {name: torch.cat([getattr(row, name) for row in rows]) for name in names}
     pixels = [row.pixels for row in rows if row.pixels is not None]
     return Batch(**fields, pixels=torch.cat(pixels) if pixels else None)
-
-
-def document_mask(doc_ids: Tensor) -> Tensor:
-    """Attention mask bool [B, 1, T, T]: causal and within one document. A padding position (doc id -1)
-    sees only itself, so its softmax stays finite; its output takes no loss."""
-    length = doc_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    own = torch.eye(length, dtype=torch.bool, device=doc_ids.device)
-    return ((same & causal & (doc_ids >= 0)[:, :, None]) | own)[:, None]
 
 
 class Packer:

@@ -3,7 +3,8 @@
 Parameter names follow transformers' Llama so checkpoint layouts differ only by a prefix. The decoder
 works on embeddings, not token ids: the unified model mixes text, image features and image codes.
 Two modes share one code path (as in gpt-fast):
-- no cache: attend within the given sequence (training, scoring); `mask=None` means plain causal;
+- no cache: attend within the given sequence (training, scoring); `mask=None` means plain causal,
+  `Documents` packed training rows;
 - cached: `setup_cache` allocates key/value buffers once; each call writes its keys and values at
   `cache_pos` and attends over the first `mask.shape[-1]` cache slots, so the caller picks how much of
   the cache a step reads and a padded batch needs no special code.
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import Documents, attention
 from .config import DecoderConfig
 from .linear import Linear
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Documents | None, cache_pos: Tensor | None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -105,7 +106,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Documents | None, cache_pos: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -152,14 +153,15 @@ class Decoder(nn.Module):
         self,
         x: Tensor,
         positions: Tensor,
-        mask: Tensor | None = None,
+        mask: Tensor | Documents | None = None,
         cache_pos: Tensor | None = None,
     ) -> Tensor:
         """Hidden states after the final norm.
 
         x: [B, T, dim] input embeddings; positions: [B, T] RoPE positions (per row, so left-padded rows
         start at 0 on their first real token); mask: bool [B, 1, T, S], True where attention is allowed
-        (S = T without cache, else the number of cache slots read); cache_pos: [T] cache slots to write.
+        (S = T without cache, else the number of cache slots read), or the `Documents` of packed rows;
+        cache_pos: [T] cache slots to write.
         """
         if cache_pos is not None and (mask is None or self.layers[0].self_attn.cache is None):
             raise ValueError("cached decoding needs setup_cache() and an explicit mask")

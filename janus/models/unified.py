@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adaptors import MLPAdaptor
+from .attention import Documents
 from .config import JanusConfig
 from .decoder import Decoder
 from .siglip import build_siglip
@@ -88,7 +89,7 @@ class JanusModel(nn.Module):
         pixels: Tensor | None = None,
         code_mask: Tensor | None = None,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | Documents | None = None,
     ) -> Tensor:
         """Final hidden states [B, T, D] without cache (training and scoring); heads are applied separately."""
         h = self.embed(tokens, image_mask, pixels, code_mask)

@@ -26,8 +26,9 @@ from tqdm import tqdm
 from ..checkpoint import load_model, save_model
 from ..data.codes import CodeCache, make_image_codes_fn
 from ..data.mixture import Mixture
-from ..data.packing import Batch, Packer, PackedStream, collate, document_mask
+from ..data.packing import Batch, Packer, PackedStream, collate
 from ..data.sequences import SampleBuilder
+from ..models.attention import Documents
 from ..models.unified import IGNORE, JanusModel
 from ..processing.tokenizer import Tokenizer
 from .checkpointing import CheckpointManager
@@ -47,7 +48,7 @@ class LossModule(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         hidden = self.model(
-            batch.tokens, batch.image_mask, batch.pixels, batch.code_mask, batch.positions, document_mask(batch.doc_ids)
+            batch.tokens, batch.image_mask, batch.pixels, batch.code_mask, batch.positions, Documents(batch.doc_ids)
         )
         return self.model.token_losses(hidden, batch.targets, batch.target_is_code)
 
