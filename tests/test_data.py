@@ -36,6 +36,7 @@ from janus.data import (
     write_code_cache,
 )
 from janus.data.mixture import KindStream
+from janus.data.prefetch import Prefetcher
 from janus.models.attention import Documents, attention, varlen_attention
 from janus.models.config import JanusConfig
 from janus.models.unified import IGNORE, JanusModel
@@ -431,6 +432,46 @@ def test_packed_stream_resumes_exactly(dataset, tokenizer):
     batch = collate(expected)
     assert batch.tokens.shape == (8, 160) and (batch.doc_ids.max(1).values >= 1).any()  # rows hold several documents
     assert set(batch.kinds.unique().tolist()) == {-1, 0, 1, 2}
+
+
+def test_prefetcher_gives_the_stream_rows_and_the_consumed_position(dataset, tokenizer):
+    stream = make_stream(dataset, tokenizer)
+    expected = [next(stream) for _ in range(8)]
+    states = []
+    plain = make_stream(dataset, tokenizer)
+    for _ in range(3):
+        next(plain)
+        states.append(plain.state_dict())
+    prefetcher = Prefetcher(make_stream(dataset, tokenizer), depth=4)
+    rows = []
+    for k in range(3):
+        rows.append(next(prefetcher))
+        # The thread has read ahead by now, but the state is the consumed rows' position.
+        assert prefetcher.state_dict() == states[k]
+    state = json.loads(json.dumps(prefetcher.state_dict()))
+    prefetcher.close()
+    assert not prefetcher._thread.is_alive()
+    resumed = make_stream(dataset, tokenizer, seed=99)
+    resumed.load_state_dict(state)
+    rows += [next(resumed) for _ in range(5)]
+    for a, b in zip(rows, expected):
+        assert_batches_equal(a, b)
+
+
+def test_prefetcher_passes_stream_errors_to_the_consumer():
+    class Broken:
+        def state_dict(self):
+            return {}
+
+        def __next__(self):
+            raise OSError("disk gone")
+
+    prefetcher = Prefetcher(Broken(), depth=2)
+    with pytest.raises(OSError, match="disk gone"):
+        next(prefetcher)
+    prefetcher.close()
+    with pytest.raises(ValueError, match="at least 1"):
+        Prefetcher(Broken(), depth=0)
 
 
 def test_over_long_samples_are_skipped(dataset, tokenizer):

@@ -27,6 +27,7 @@ class DataConfig:
     seq_len: int = 4096
     uncond_prob: float = 0.1  # generation prompts replaced by pads, for classifier-free guidance
     code_cache: str | None = None  # from `janus tokenize-images`; else codes are made on the fly
+    prefetch_rows: int = 16  # rows built ahead in a background thread; 0 builds them between steps
 
 
 @dataclass
@@ -78,6 +79,8 @@ class RunConfig:
         unknown = (set(self.data.ratios) | set(self.data.sources)) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
+        if self.data.prefetch_rows < 0:
+            raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
         if self.optim.lr is None:
             self.optim.lr = defaults.lr
         if self.optim.warmup_steps is None:

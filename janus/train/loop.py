@@ -27,6 +27,7 @@ from ..checkpoint import load_model, save_model
 from ..data.codes import CodeCache, make_image_codes_fn
 from ..data.mixture import Mixture
 from ..data.packing import Batch, Packer, PackedStream, collate
+from ..data.prefetch import Prefetcher
 from ..data.sequences import SampleBuilder
 from ..models.attention import Documents
 from ..models.unified import IGNORE, JanusModel
@@ -141,6 +142,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if resume and checkpoints.latest() is not None:
         step, data_state = checkpoints.load(engine)
         stream.load_state_dict(data_state)
+    rows = Prefetcher(stream, cfg.data.prefetch_rows) if cfg.data.prefetch_rows else stream
     log = Path(cfg.checkpoint.dir) / "metrics.jsonl"
     writer = None
     if rank == 0:
@@ -159,7 +161,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         # per kind: loss sum and target count; last entry: tokens (non-padding positions)
         stats = torch.zeros(2 * len(KINDS) + 1, dtype=torch.float64, device=device)
         for _ in range(cfg.train.grad_accum):
-            batch = collate([next(stream) for _ in range(cfg.train.micro_batch_size)]).to(device)
+            batch = collate([next(rows) for _ in range(cfg.train.micro_batch_size)]).to(device)
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 losses = engine(batch)
             counted = batch.targets != IGNORE
@@ -185,8 +187,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             if step % cfg.log_every == 0 or step == cfg.train.steps:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k.startswith("loss") and v is not None})
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-            checkpoints.save(engine, step, stream.state_dict())
+            checkpoints.save(engine, step, rows.state_dict())
     bar.close()
+    if rows is not stream:
+        rows.close()
     if rank == 0:
         writer.close()
         if stream.mixture.skipped:
