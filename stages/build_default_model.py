@@ -103,7 +103,9 @@ def main() -> None:
         staging = DEFAULT_MODEL_DIR.with_name(".default_model.new")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(final, staging)
-        shutil.copy2(root / "eval.json", staging / "eval.json")
+        report = json.loads((root / "eval.json").read_text())
+        report["settings"]["model"] = "built-in default model"  # not the build machine's path
+        (staging / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         shutil.rmtree(DEFAULT_MODEL_DIR, ignore_errors=True)
         staging.rename(DEFAULT_MODEL_DIR)
         print(f"installed {final} as {DEFAULT_MODEL_DIR}")
