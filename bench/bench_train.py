@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--zero", type=int, default=0, help="ZeRO stage")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--prefetch-rows", type=int, default=16, help="rows built ahead in a thread (0: between steps)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +58,7 @@ def main() -> None:
             sys.executable, "stages/stage2_pretrain.py", "--config", "configs/tiny.yaml",
             "--set", f"root={root}", "--set", f"data.seq_len={args.seq_len}", "--set", f"train.steps={args.steps}",
             "--set", f"train.micro_batch_size={args.micro_batch}", "--set", "train.grad_accum=1",
-            "--set", f"train.activation_checkpointing={str(args.checkpointing).lower()}",
+            "--set", f"train.activation_checkpointing={str(args.checkpointing).lower()}", "--set", f"data.prefetch_rows={args.prefetch_rows}",
             "--set", f"checkpoint.every={args.steps + 1}", "--set", f"deepspeed={{zero_optimization: {{stage: {args.zero}}}}}",
         ]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -70,7 +71,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     result = {
         "device": device, "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "zero": args.zero, "activation_checkpointing": args.checkpointing, "steps": args.steps,
+        "zero": args.zero, "activation_checkpointing": args.checkpointing, "prefetch_rows": args.prefetch_rows, "steps": args.steps,
         "tokens_per_s": tokens_per_s, "mfu": statistics.median(mfus) if mfus else None,
         "precision": "bf16" if torch.cuda.is_available() else "fp32", "torch": torch.__version__,
     }
@@ -79,7 +80,7 @@ def main() -> None:
     path = out / f"train-{'cuda' if torch.cuda.is_available() else 'cpu'}-{args.preset}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no known peak on this device)"
-    print(f"{device} | {args.preset} stage 2, seq {args.seq_len} x {args.micro_batch}, ZeRO-{args.zero}, {result['precision']}")
+    print(f"{device} | {args.preset} stage 2, seq {args.seq_len} x {args.micro_batch}, ZeRO-{args.zero}, {result['precision']}, prefetch {args.prefetch_rows} rows")
     print(f"tokens/s {tokens_per_s:,.0f} | MFU {mfu}")
     print(f"wrote {path}")
 
