@@ -15,7 +15,7 @@ from PIL import Image
 import janus
 from janus.cli import main
 from janus.serve import create_app, serve_in_background
-from janus.serve.api import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+from janus.serve.api import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
 from janus.testing import save_tiny_checkpoint
 
 
@@ -253,3 +253,18 @@ def test_serve_without_a_model_or_default_is_a_clear_error(monkeypatch, tmp_path
     monkeypatch.setattr(janus.pipeline, "DEFAULT_MODEL_DIR", tmp_path / "none")
     assert main(["serve", "--api-only"]) == 2
     assert "built-in default model is missing" in capsys.readouterr().err
+
+
+def test_request_bodies_over_the_limit_are_413_and_the_server_still_serves(client):
+    body = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    declared = client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and str(MAX_BODY_BYTES) in declared.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the server counts as the bytes arrive
+        for start in range(0, len(body), 2**20):
+            yield body[start : start + 2**20]
+
+    chunked = client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    ok = client.post("/v1/images/generations", json={"prompt": "a cat", "seed": 1})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1

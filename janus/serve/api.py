@@ -35,6 +35,8 @@ MAX_IMAGES_PER_PROMPT = 8
 MAX_CFG_WEIGHT = 50.0
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
+# A whole request body: room for the most images at the largest size, base64-encoded, plus text.
+MAX_BODY_BYTES = MAX_IMAGES_PER_REQUEST * MAX_IMAGE_BYTES * 4 // 3 + 2**20
 _DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)
 
 
@@ -183,8 +185,52 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+class _LimitBody:
+    """ASGI middleware: a body of more than `limit` bytes sent to the API gets HTTP 413 before it is
+    all held in memory. A declared Content-Length is checked before reading; otherwise (chunked
+    uploads) the bytes are counted as they arrive."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is None:
+                return await receive()  # afterwards: disconnect notices, for streaming answers
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Callable) -> None:
+        message = f"request body is larger than the limit of {self.limit} bytes"
+        payload = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
 def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
-    """Add the API routes and the JSON error handlers to `app`."""
+    """Add the API routes, the JSON error handlers and the request-body limit to `app`."""
+    app.add_middleware(_LimitBody, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
