@@ -1,7 +1,8 @@
 """The HTTP API: OpenAI-style `/v1/chat/completions` and `/v1/images/generations`, and `/health`.
 
-Every bad request gets HTTP 400 with `{"error": {"message": ..., "type": "invalid_request_error"}}`
-naming the problem; an unexpected failure gets 500 in the same shape and the server keeps serving.
+Every bad request gets HTTP 400 (413 for a body over MAX_BODY_BYTES) with
+`{"error": {"message": ..., "type": "invalid_request_error"}}` naming the problem; an unexpected
+failure gets 500 in the same shape and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _bad_request(message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
+def _client_error(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status, headers=headers)
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -198,7 +199,7 @@ class _LimitBody:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send)
+            return await self._too_large(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -207,7 +208,7 @@ class _LimitBody:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             more = message.get("more_body", False)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
@@ -220,12 +221,9 @@ class _LimitBody:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Callable) -> None:
+    async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
         message = f"request body is larger than the limit of {self.limit} bytes"
-        payload = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _client_error(message, 413, {"connection": "close"})(scope, receive, send)
 
 
 def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
@@ -234,11 +232,11 @@ def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
-        return _bad_request(str(error))
+        return _client_error(str(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _bad_request(_validation_message(error))
+        return _client_error(_validation_message(error))
 
     router = APIRouter(route_class=_AnswerInternalErrors)
 
