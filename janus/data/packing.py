@@ -2,8 +2,8 @@
 
 Samples are packed in arrival order (next-fit): one that does not fit closes the row, which is padded,
 and opens the next. Each document keeps its own RoPE positions (from 0) and, through
-`janus.models.attention.Documents(batch.doc_ids)`, attends only to itself, so a packed row computes exactly what the documents would
-compute one by one.
+`janus.models.attention.Documents(batch.doc_ids)`, attends only to itself, so a packed row computes
+exactly what the documents would compute one by one.
 """
 
 from __future__ import annotations
