@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -21,6 +21,41 @@ from .sampling import Sampling, generate_image_codes, generate_text, image_step
 ImageInput = str | Path | Image.Image
 # The built-in default model ships inside the package (docs/default_model.md).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class ChatStream(Iterator[str]):
+    """The text pieces of an answer as the model produces them. Once they are exhausted,
+    `finish_reason` says why the answer ended: "stop" (the model ended it) or "length"
+    (`max_new_tokens` or the model's context ran out); before that it is None."""
+
+    def __init__(self, ids: Iterator[int], tokenizer: Tokenizer, on_close: Callable[[], None]) -> None:
+        self.finish_reason: str | None = None
+        self._pieces = self._decode(ids, tokenizer, on_close)
+
+    def _decode(self, ids: Iterator[int], tokenizer: Tokenizer, on_close: Callable[[], None]) -> Iterator[str]:
+        decoder = StreamDecoder(tokenizer)
+        try:
+            for token_id in ids:
+                if token_id == tokenizer.eos_id:
+                    self.finish_reason = "stop"
+                    break
+                piece = decoder.push(token_id)
+                if piece:
+                    yield piece
+            else:
+                self.finish_reason = "length"
+        finally:
+            on_close()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (what was not yet produced is never computed) and free the model's cache."""
+        self._pieces.close()
 
 
 class Janus:
@@ -126,13 +161,14 @@ class Janus:
         top_p: float | None = None,
         seed: int | None = None,
         stream: bool = False,
-    ) -> str | Iterator[str]:
+    ) -> str | ChatStream:
         """Answer `message` about `images`, after earlier turns in `history`.
 
         history: `{"role": "user"|"assistant", "content": str, "images": [...]}` dicts, alternating from
         a user turn (images optional). A message without `<image_placeholder>` gets one per image
         in front. The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
-        Returns the answer, or an iterator of text pieces when `stream=True`.
+        Returns the answer, or with `stream=True` a `ChatStream`: an iterator of text pieces that says
+        why the answer ended once it is exhausted.
         """
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message must be a non-empty string")
@@ -153,23 +189,8 @@ class Janus:
             self.model, tokens, tokens == self.tokenizer.image_id, pixels, max_new_tokens,
             self.tokenizer.eos_id, sampling, generator, self.tokenizer.vocab_size,
         )
-        pieces = self._stream_text(ids)
+        pieces = ChatStream(ids, self.tokenizer, self._release_cache)
         return pieces if stream else "".join(pieces)
-
-    def _stream_text(self, ids: Iterator[int]) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer)
-        try:
-            for token_id in ids:
-                if token_id == self.tokenizer.eos_id:
-                    break
-                piece = decoder.push(token_id)
-                if piece:
-                    yield piece
-        finally:
-            self._release_cache()
-        tail = decoder.flush()
-        if tail:
-            yield tail
 
     def _release_cache(self) -> None:
         """Free the KV cache between calls, unless a compiled step must keep seeing the same buffers."""
@@ -243,6 +264,6 @@ def generate_image(prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
     return default_model().generate_image(prompt, **kwargs)
 
 
-def chat(message: str, **kwargs) -> str | Iterator[str]:
+def chat(message: str, **kwargs) -> str | ChatStream:
     """Chat with the default model; see `Janus.chat`."""
     return default_model().chat(message, **kwargs)

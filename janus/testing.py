@@ -122,6 +122,20 @@ def randomize(model, seed: int = 0) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
+def steer_eos(pipe, towards: bool) -> None:
+    """Make a loaded model's text head pick EOS at every answer step (or never), by a wide margin: a
+    large first feature in every token embedding dominates the residual stream, and the head's EOS
+    row reads only that feature."""
+    import torch
+
+    decoder, eos = pipe.model.decoder, pipe.tokenizer.eos_id
+    with torch.no_grad():
+        decoder.embed_tokens.weight[:, 0] = 1000.0
+        decoder.norm.weight[0] = 1.0
+        decoder.lm_head.weight[eos] = 0.0
+        decoder.lm_head.weight[eos, 0] = 10.0 if towards else -10.0
+
+
 def save_tiny_checkpoint(directory: str | Path, seed: int = 0, layout: str = "native", **decoder_overrides) -> Path:
     """A random-weight model of the `tiny` preset with the tiny tokenizer, saved in `layout`."""
     import dataclasses

@@ -11,7 +11,7 @@ from PIL import Image
 import janus
 from janus.checkpoint import CheckpointError
 from janus.sampling import Sampling, generate_image_codes, sample
-from janus.testing import save_tiny_checkpoint
+from janus.testing import save_tiny_checkpoint, steer_eos
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,21 @@ def test_chat_answer_stops_at_the_end_of_the_context(pipe):
         [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}], pipe.cfg.roles)))
     pieces = list(pipe.chat("hello", max_new_tokens=10_000, temperature=1.0, seed=0, stream=True))
     assert 0 < len(pieces) <= pipe.cfg.decoder.max_seq_len - prompt_len
+
+
+def test_chat_stream_says_why_the_answer_ended(tmp_path):
+    pipe = janus.load(save_tiny_checkpoint(tmp_path / "tiny"), device="cpu", dtype="float32")
+    steer_eos(pipe, towards=False)
+    stream = pipe.chat("hello", max_new_tokens=6, stream=True)
+    assert stream.finish_reason is None  # not known before the answer is over
+    assert "".join(stream) and stream.finish_reason == "length"
+    # at the end of the context, too
+    stream = pipe.chat("hello", max_new_tokens=10_000, stream=True)
+    list(stream)
+    assert stream.finish_reason == "length"
+    steer_eos(pipe, towards=True)
+    stream = pipe.chat("hello", max_new_tokens=6, stream=True)
+    assert "".join(stream) == "" and stream.finish_reason == "stop"
 
 
 def test_chat_never_samples_past_the_tokenizer_vocabulary(tmp_path):

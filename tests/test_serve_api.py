@@ -16,7 +16,7 @@ import janus
 from janus.cli import main
 from janus.serve import create_app, serve_in_background
 from janus.serve.api import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
-from janus.testing import save_tiny_checkpoint
+from janus.testing import save_tiny_checkpoint, steer_eos
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,8 @@ def test_chat_multi_turn_with_images_matches_the_python_api(client, model):
 
 def test_chat_stream_is_openai_sse_ending_with_done(client):
     body = {"messages": [user("Describe it.", BLUE)], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 3}
-    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    whole_reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    whole = whole_reply["message"]["content"]
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
@@ -93,9 +94,23 @@ def test_chat_stream_is_openai_sse_ending_with_done(client):
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole_reply["finish_reason"]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole  # same seed, same answer
     assert len(chunks) > 3  # streamed in pieces, not in one go
+
+
+@pytest.mark.parametrize("towards_eos, expected", [(True, "stop"), (False, "length")])
+def test_finish_reason_says_whether_max_tokens_cut_the_answer(tmp_path, towards_eos, expected):
+    steered = janus.load(save_tiny_checkpoint(tmp_path / "tiny"), device="cpu")
+    steer_eos(steered, towards=towards_eos)
+    body = {"messages": [user("Describe it.", BLUE)], "max_tokens": 5}
+    with serve_in_background(create_app(steered, model_name="tiny", api_only=True)) as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert reply["finish_reason"] == expected
+    assert bool(reply["message"]["content"]) == (expected == "length")  # the steered model says EOS first
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == expected
 
 
 def _big_png() -> str:

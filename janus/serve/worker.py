@@ -18,14 +18,13 @@ import threading
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from PIL import Image
 
 from ..pipeline import ImageInput, Janus
 
 log = logging.getLogger(__name__)
-_END = object()  # marks the end of a chat job's pieces
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,17 @@ class _ImageJob(_Job):
     result: asyncio.Future
 
 
+@dataclass(frozen=True)
+class _End:
+    """The end of a chat job's pieces, with `ChatStream.finish_reason` (None when cut off)."""
+
+    finish_reason: str | None
+
+
 @dataclass(kw_only=True)
 class _ChatJob(_Job):
     arguments: dict
-    pieces: asyncio.Queue  # text pieces, then an exception or _END
+    pieces: asyncio.Queue  # text pieces, then an exception or an _End
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
@@ -121,9 +127,15 @@ class ModelWorker:
                 job.cancelled.set()  # no effect once it ran; otherwise the model skips it
 
     async def chat(
-        self, message: str, images: Sequence[ImageInput] = (), history: Sequence[dict] = (), **options
+        self,
+        message: str,
+        images: Sequence[ImageInput] = (),
+        history: Sequence[dict] = (),
+        on_finish: Callable[[str], None] | None = None,
+        **options,
     ) -> AsyncIterator[str]:
-        """The answer's text pieces as the model produces them; `options` are `Janus.chat`'s sampling ones."""
+        """The answer's text pieces as the model produces them; `options` are `Janus.chat`'s sampling ones.
+        `on_finish` gets the answer's `finish_reason` ("stop" or "length") after its last piece."""
         async with self._admission:
             job = _ChatJob(
                 loop=asyncio.get_running_loop(), pieces=asyncio.Queue(),
@@ -131,10 +143,12 @@ class ModelWorker:
             )
             self._submit(job)
             try:
-                while (item := await job.pieces.get()) is not _END:
+                while not isinstance(item := await job.pieces.get(), _End):
                     if isinstance(item, BaseException):
                         raise item
                     yield item
+                if on_finish is not None:
+                    on_finish(item.finish_reason)
             finally:
                 job.cancelled.set()  # stops the model mid-answer when the caller went away
 
@@ -200,13 +214,15 @@ class ModelWorker:
     def _run_chat(self, job: _ChatJob) -> None:
         if job.cancelled.is_set():
             return
+        finish_reason = None
         try:
             with closing(self.model.chat(**job.arguments, stream=True)) as pieces:  # closing frees the cache
                 for piece in pieces:
                     if job.cancelled.is_set():
                         break
                     job.deliver(job.pieces.put_nowait, piece)
+                finish_reason = pieces.finish_reason
         except Exception as error:  # noqa: BLE001 - the caller decides; the thread keeps serving
             log.debug("chat job failed", exc_info=True)
             job.deliver(job.pieces.put_nowait, error)
-        job.deliver(job.pieces.put_nowait, _END)
+        job.deliver(job.pieces.put_nowait, _End(finish_reason))
