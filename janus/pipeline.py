@@ -166,7 +166,8 @@ class Janus:
 
         history: `{"role": "user"|"assistant", "content": str, "images": [...]}` dicts, alternating from
         a user turn (images optional). A message without `<image_placeholder>` gets one per image
-        in front. The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
+        in front. History may start with `{"role": "system", "content": str}`, the system prompt;
+        without one, Janus's own is used when the conversation has images, none otherwise. The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
         Returns the answer, or with `stream=True` a `ChatStream`: an iterator of text pieces that says
         why the answer ended once it is exhausted.
         """
@@ -198,8 +199,14 @@ class Janus:
             self.model.decoder.drop_cache()
 
     def _chat_inputs(self, turns: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        system = None
+        if isinstance(turns[0], dict) and turns[0].get("role") == "system":
+            system = turns[0].get("content")
+            if not isinstance(system, str) or turns[0].get("images"):
+                raise ValueError("the system turn must have string content and no images")
         messages, images = [], []
-        for i, turn in enumerate(turns):
+        first = int(system is not None)
+        for i, turn in enumerate(turns[first:], start=first):
             if not isinstance(turn, dict):
                 raise ValueError(f"history entry {i} must be a dict with 'role' and 'content'")
             turn_images = [load_image(im) for im in turn.get("images") or []]
@@ -211,7 +218,8 @@ class Janus:
             messages.append({"role": turn.get("role"), "content": content})
             images += turn_images
         messages.append({"role": "assistant", "content": ""})
-        system = DEFAULT_SYSTEM_PROMPT if images else ""
+        if system is None:
+            system = DEFAULT_SYSTEM_PROMPT if images else ""
         ids = self.tokenizer.encode(render_chat(messages, self.cfg.roles, system))
         ids = expand_image_tokens(ids, self.tokenizer, self.cfg.vision.num_patches, len(images))
         tokens = torch.tensor([ids], device=self.device)

@@ -114,6 +114,22 @@ def test_chat_answers_streams_and_takes_history(pipe, tmp_path):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+def test_chat_system_turn_replaces_the_default_system_prompt(pipe):
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    system = {"role": "system", "content": "Answer in one word."}
+    tokens, _ = pipe._chat_inputs([system, {"role": "user", "content": "hi", "images": [image]}])
+    rendered = janus.processing.chat.render_chat(
+        [{"role": "user", "content": "<image_placeholder>\nhi"}, {"role": "assistant", "content": ""}], pipe.cfg.roles,
+        "Answer in one word.",
+    )
+    ids = janus.processing.chat.expand_image_tokens(pipe.tokenizer.encode(rendered), pipe.tokenizer, pipe.cfg.vision.num_patches, 1)
+    assert tokens[0].tolist() == ids
+    with_system = pipe.chat("hi", images=[image], history=[system], max_new_tokens=8)
+    assert with_system != pipe.chat("hi", images=[image], max_new_tokens=8)
+    with pytest.raises(ValueError, match="system turn"):
+        pipe.chat("hi", history=[{"role": "system", "content": "s", "images": [image]}])
+
+
 def test_chat_answer_stops_at_the_end_of_the_context(pipe):
     """max_new_tokens is a cap: far past the context it still answers (the KV cache, sized to the
     context, would fail on any token beyond it)."""

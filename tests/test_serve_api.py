@@ -83,6 +83,17 @@ def test_chat_multi_turn_with_images_matches_the_python_api(client, model):
     assert body["choices"][0]["message"]["content"] == model.chat("And the size?", history=history, max_new_tokens=8)
 
 
+def test_chat_system_message_is_the_system_prompt(client, model):
+    messages = [{"role": "system", "content": "Answer in one word."}, user("What colour is it?", BLUE)]
+    reply = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8})
+    assert reply.status_code == 200, reply.text
+    system = {"role": "system", "content": "Answer in one word."}
+    image = Image.new("RGB", (20, 20), (0, 0, 255))
+    expected = model.chat("What colour is it?", images=[image], history=[system], max_new_tokens=8)
+    assert reply.json()["choices"][0]["message"]["content"] == expected
+    assert expected != model.chat("What colour is it?", images=[image], max_new_tokens=8)  # not Janus's own prompt
+
+
 def test_chat_stream_is_openai_sse_ending_with_done(client):
     body = {"messages": [user("Describe it.", BLUE)], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 3}
     whole_reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
@@ -127,7 +138,9 @@ CHAT_ERRORS = {
     "no messages": ({"messages": []}, "messages"),
     "missing messages": ({}, "messages: Field required"),
     "empty text": ({"messages": [{"role": "user", "content": "  "}]}, "messages[0] has no text"),
-    "system role": ({"messages": [{"role": "system", "content": "be nice"}, user("hi")]}, "messages[0].role"),
+    "system not first": ({"messages": [user("a"), {"role": "system", "content": "be nice"}]}, "messages[1] has role 'system', expected 'assistant'"),
+    "system with image": ({"messages": [{"role": "system", "content": [{"type": "text", "text": "s"}, {"type": "image_url", "image_url": {"url": BLUE}}]}, user("a")]}, "only user messages may carry images"),
+    "system only": ({"messages": [{"role": "system", "content": "be nice"}]}, "last message"),
     "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     "two user turns": ({"messages": [user("a"), user("b")]}, "messages[1] has role 'user', expected 'assistant'"),
     "ends with assistant": ({"messages": [user("a"), {"role": "assistant", "content": "b"}]}, "last message"),

@@ -65,7 +65,7 @@ class ImagePart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["user", "assistant"]  # Janus has no system prompt of the caller's choosing
+    role: Literal["system", "user", "assistant"]
     content: list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
     @field_validator("content", mode="before")
@@ -136,14 +136,16 @@ def decode_image(url: str, where: str) -> Image.Image:
 
 
 def conversation(messages: list[ChatMessage]) -> tuple[str, list[Image.Image], list[dict]]:
-    """OpenAI messages -> (the last user message, its images, the earlier turns as Janus history)."""
+    """OpenAI messages -> (the last user message, its images, the earlier turns as Janus history, which
+    starts with the system message when there is one)."""
     turns, image_count = [], 0
+    first = int(messages[0].role == "system")
     for i, message in enumerate(messages):
-        expected = ("user", "assistant")[i % 2]
+        expected = "system" if i < first else ("user", "assistant")[(i - first) % 2]
         if message.role != expected:
             raise BadRequest(
-                f"messages[{i}] has role '{message.role}', expected '{expected}': "
-                "messages alternate user and assistant, starting and ending with user"
+                f"messages[{i}] has role '{message.role}', expected '{expected}': after an optional first "
+                "system message, messages alternate user and assistant, starting and ending with user"
             )
         text = "\n".join(part.text for part in message.content if isinstance(part, TextPart))
         urls = [part.image_url.url for part in message.content if isinstance(part, ImagePart)]
