@@ -460,6 +460,8 @@ def test_prefetcher_gives_the_stream_rows_and_the_consumed_position(dataset, tok
 
 def test_prefetcher_passes_stream_errors_to_the_consumer():
     class Broken:
+        skipped: dict = {}
+
         def state_dict(self):
             return {}
 
@@ -481,6 +483,21 @@ def test_over_long_samples_are_skipped(dataset, tokenizer):
         batch = collate([next(stream) for _ in range(20)])
     assert stream.mixture.skipped["over-long"] > 0 and set(stream.mixture.skipped) == {"over-long"}
     assert 0 not in batch.kinds.tolist()
+
+
+@pytest.mark.filterwarnings("ignore::janus.data.records.DataWarning")
+def test_prefetcher_counts_the_skipped_records_of_the_consumed_rows(dataset, tokenizer):
+    plain = make_stream(dataset, tokenizer, seq_len=64, max_len=64)
+    prefetcher = Prefetcher(make_stream(dataset, tokenizer, seq_len=64, max_len=64), depth=8)
+    counts = []
+    for _ in range(20):
+        next(plain)
+        counts.append(plain.skipped)
+    for k in range(20):
+        next(prefetcher)
+        assert prefetcher.skipped == counts[k]  # not the read-ahead's
+    prefetcher.close()
+    assert counts[-1]["over-long"] > counts[0].get("over-long", 0)  # the count does move with the rows
 
 
 def test_document_mask():

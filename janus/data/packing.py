@@ -127,6 +127,11 @@ class PackedStream:
     def _now(self) -> dict:
         return {"mixture": self.mixture.state_dict(), "builder": self.builder.state_dict()}
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far, by reason."""
+        return dict(self.mixture.skipped)
+
     def state_dict(self) -> dict:
         return self._row_start if self.packer.samples else self._now()
 

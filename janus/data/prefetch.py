@@ -13,15 +13,15 @@ class Prefetcher:
     overlaps the training step instead of running between steps.
 
     Only the thread advances the stream, in order, so the rows are exactly the stream's. Each row
-    comes with the stream's state after it: `state_dict()` is the position of the rows consumed so
-    far (what a checkpoint must record), not of the thread's read-ahead.
+    comes with the stream's state and skipped-record counts after it: `state_dict()` and `skipped`
+    describe the rows consumed so far (what a checkpoint must record), not the thread's read-ahead.
     """
 
     def __init__(self, stream: PackedStream, depth: int) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be at least 1, got {depth}")
         self.stream = stream
-        self._state = stream.state_dict()
+        self._state, self.skipped = stream.state_dict(), stream.skipped
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="janus-data", daemon=True)
@@ -31,7 +31,7 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 row = next(self.stream)
-                self._put((row, self.stream.state_dict()))
+                self._put((row, self.stream.state_dict(), self.stream.skipped))
         except BaseException as error:  # re-raised in the consumer, which owns the run
             self._put(error)
 
@@ -50,7 +50,7 @@ class Prefetcher:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        row, self._state = item
+        row, self._state, self.skipped = item
         return row
 
     def state_dict(self) -> dict:

@@ -193,8 +193,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         rows.close()
     if rank == 0:
         writer.close()
-        if stream.mixture.skipped:
-            print(f"skipped records: {dict(stream.mixture.skipped)}")
+        if rows.skipped:
+            print(f"skipped records: {rows.skipped}")
     return export(engine, model, cfg, rank)
 
 
