@@ -167,7 +167,8 @@ class Janus:
         history: `{"role": "user"|"assistant", "content": str, "images": [...]}` dicts, alternating from
         a user turn (images optional). A message without `<image_placeholder>` gets one per image
         in front. History may start with `{"role": "system", "content": str}`, the system prompt;
-        without one, Janus's own is used when the conversation has images, none otherwise. The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
+        without one, Janus's own is used when the conversation has images, none otherwise.
+        The answer ends at EOS, after `max_new_tokens`, or at the end of the model's context.
         Returns the answer, or with `stream=True` a `ChatStream`: an iterator of text pieces that says
         why the answer ended once it is exhausted.
         """
