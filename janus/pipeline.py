@@ -26,16 +26,20 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 class ChatStream(Iterator[str]):
     """The text pieces of an answer as the model produces them. Once they are exhausted,
     `finish_reason` says why the answer ended: "stop" (the model ended it) or "length"
-    (`max_new_tokens` or the model's context ran out); before that it is None."""
+    (`max_new_tokens` or the model's context ran out); before that it is None.
+    `prompt_tokens` counts the prompt (image tokens included), `completion_tokens` the tokens
+    generated so far (EOS included)."""
 
-    def __init__(self, ids: Iterator[int], tokenizer: Tokenizer, on_close: Callable[[], None]) -> None:
+    def __init__(self, ids: Iterator[int], prompt_tokens: int, tokenizer: Tokenizer, on_close: Callable[[], None]) -> None:
         self.finish_reason: str | None = None
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
         self._pieces = self._decode(ids, tokenizer, on_close)
 
     def _decode(self, ids: Iterator[int], tokenizer: Tokenizer, on_close: Callable[[], None]) -> Iterator[str]:
         decoder = StreamDecoder(tokenizer)
         try:
             for token_id in ids:
+                self.completion_tokens += 1
                 if token_id == tokenizer.eos_id:
                     self.finish_reason = "stop"
                     break
@@ -191,7 +195,7 @@ class Janus:
             self.model, tokens, tokens == self.tokenizer.image_id, pixels, max_new_tokens,
             self.tokenizer.eos_id, sampling, generator, self.tokenizer.vocab_size,
         )
-        pieces = ChatStream(ids, self.tokenizer, self._release_cache)
+        pieces = ChatStream(ids, tokens.shape[1], self.tokenizer, self._release_cache)
         return pieces if stream else "".join(pieces)
 
     def _release_cache(self) -> None:

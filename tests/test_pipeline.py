@@ -144,14 +144,15 @@ def test_chat_stream_says_why_the_answer_ended(tmp_path):
     steer_eos(pipe, towards=False)
     stream = pipe.chat("hello", max_new_tokens=6, stream=True)
     assert stream.finish_reason is None  # not known before the answer is over
-    assert "".join(stream) and stream.finish_reason == "length"
+    assert "".join(stream) and stream.finish_reason == "length" and stream.completion_tokens == 6
+    assert stream.prompt_tokens == pipe._chat_inputs([{"role": "user", "content": "hello"}])[0].shape[1]
     # at the end of the context, too
     stream = pipe.chat("hello", max_new_tokens=10_000, stream=True)
     list(stream)
     assert stream.finish_reason == "length"
     steer_eos(pipe, towards=True)
     stream = pipe.chat("hello", max_new_tokens=6, stream=True)
-    assert "".join(stream) == "" and stream.finish_reason == "stop"
+    assert "".join(stream) == "" and stream.finish_reason == "stop" and stream.completion_tokens == 1  # EOS
 
 
 def test_chat_never_samples_past_the_tokenizer_vocabulary(tmp_path):

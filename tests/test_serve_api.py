@@ -80,7 +80,10 @@ def test_chat_multi_turn_with_images_matches_the_python_api(client, model):
         {"role": "user", "content": "What colour is it?", "images": [Image.new("RGB", (20, 20), (0, 0, 255))]},
         {"role": "assistant", "content": "It is blue."},
     ]
-    assert body["choices"][0]["message"]["content"] == model.chat("And the size?", history=history, max_new_tokens=8)
+    stream = model.chat("And the size?", history=history, max_new_tokens=8, stream=True)
+    assert body["choices"][0]["message"]["content"] == "".join(stream)
+    usage = body["usage"]
+    assert usage == {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens, "total_tokens": stream.prompt_tokens + stream.completion_tokens}
 
 
 def test_chat_system_message_is_the_system_prompt(client, model):

@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..pipeline import ChatStream
 from .worker import ImageSettings, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -259,18 +260,24 @@ def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
     async def chat_completions(request: ChatRequest):
         message, pictures, history = conversation(request.messages)
         options = dict(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        finish_reasons: list[str] = []  # the worker's on_finish fills it after the last piece
-        pieces = worker.chat(message, pictures, history, on_finish=finish_reasons.append, **options)
+        ended: list[ChatStream] = []  # the worker's on_finish fills it after the last piece
+        pieces = worker.chat(message, pictures, history, on_finish=ended.append, **options)
         try:  # the first piece, before any byte is sent, so that bad input still gets a 400
             first = await anext(pieces, "")
         except ValueError as error:
             raise BadRequest(str(error)) from None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if request.stream:
-            return StreamingResponse(_stream(head, first, pieces, finish_reasons), media_type="text/event-stream")
+            return StreamingResponse(_stream(head, first, pieces, ended), media_type="text/event-stream")
         text = first + "".join([piece async for piece in pieces])
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reasons[0]}
-        return {**head, "object": "chat.completion", "choices": [choice]}
+        answer = ended[0]
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": answer.finish_reason}
+        usage = {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        }
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
 
     app.include_router(router)
 
@@ -298,9 +305,9 @@ class _AnswerInternalErrors(APIRoute):
         return handle_or_answer_500
 
 
-async def _stream(head: dict, first: str, rest: AsyncIterator[str], finish_reasons: list[str]) -> AsyncIterator[str]:
-    """OpenAI chat.completion.chunk events, then `data: [DONE]`; `finish_reasons` holds the answer's
-    finish reason once `rest` is exhausted."""
+async def _stream(head: dict, first: str, rest: AsyncIterator[str], ended: list[ChatStream]) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events, then `data: [DONE]`; `ended` holds the exhausted stream
+    once `rest` is."""
 
     def chunk(delta: dict, finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -312,7 +319,7 @@ async def _stream(head: dict, first: str, rest: AsyncIterator[str], finish_reaso
             yield chunk({"content": first})
         async for piece in rest:
             yield chunk({"content": piece})
-        yield chunk({}, finish_reasons[0])
+        yield chunk({}, ended[0].finish_reason)
     except Exception as error:  # noqa: BLE001 - the status line is sent: report it in the stream
         yield _sse(_internal_error(error))
     yield _sse("[DONE]")

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from PIL import Image
 
-from ..pipeline import ImageInput, Janus
+from ..pipeline import ChatStream, ImageInput, Janus
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class _ImageJob(_Job):
 
 @dataclass(frozen=True)
 class _End:
-    """The end of a chat job's pieces, with `ChatStream.finish_reason` (None when cut off)."""
+    """The end of a chat job's pieces, with the exhausted stream (None when the job was cut off)."""
 
-    finish_reason: str | None
+    stream: ChatStream | None
 
 
 @dataclass(kw_only=True)
@@ -131,11 +131,11 @@ class ModelWorker:
         message: str,
         images: Sequence[ImageInput] = (),
         history: Sequence[dict] = (),
-        on_finish: Callable[[str], None] | None = None,
+        on_finish: Callable[[ChatStream], None] | None = None,
         **options,
     ) -> AsyncIterator[str]:
         """The answer's text pieces as the model produces them; `options` are `Janus.chat`'s sampling ones.
-        `on_finish` gets the answer's `finish_reason` ("stop" or "length") after its last piece."""
+        `on_finish` gets the exhausted `ChatStream` (finish reason, token counts) after the last piece."""
         async with self._admission:
             job = _ChatJob(
                 loop=asyncio.get_running_loop(), pieces=asyncio.Queue(),
@@ -147,8 +147,8 @@ class ModelWorker:
                     if isinstance(item, BaseException):
                         raise item
                     yield item
-                if on_finish is not None:
-                    on_finish(item.finish_reason)
+                if on_finish is not None and item.stream is not None:
+                    on_finish(item.stream)
             finally:
                 job.cancelled.set()  # stops the model mid-answer when the caller went away
 
@@ -214,15 +214,16 @@ class ModelWorker:
     def _run_chat(self, job: _ChatJob) -> None:
         if job.cancelled.is_set():
             return
-        finish_reason = None
+        ended = None
         try:
             with closing(self.model.chat(**job.arguments, stream=True)) as pieces:  # closing frees the cache
                 for piece in pieces:
                     if job.cancelled.is_set():
                         break
                     job.deliver(job.pieces.put_nowait, piece)
-                finish_reason = pieces.finish_reason
+                else:
+                    ended = pieces
         except Exception as error:  # noqa: BLE001 - the caller decides; the thread keeps serving
             log.debug("chat job failed", exc_info=True)
             job.deliver(job.pieces.put_nowait, error)
-        job.deliver(job.pieces.put_nowait, _End(finish_reason))
+        job.deliver(job.pieces.put_nowait, _End(ended))
