@@ -6,8 +6,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .pipeline import ChatStream
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -41,13 +45,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
+def _print_answer(stream: ChatStream) -> str:
+    """Print an answer as it comes; say on stderr when --max-new-tokens (or the context) cut it short."""
+    answer = ""
+    for piece in stream:
+        answer += piece
+        print(piece, end="", flush=True)
+    print()
+    if stream.finish_reason == "length":
+        print(f"[cut short after {stream.completion_tokens} tokens]", file=sys.stderr)
+    return answer
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.question:
-        for piece in model.chat(args.question, images=args.image, stream=True, **options):
-            print(piece, end="", flush=True)
-        print()
+        _print_answer(model.chat(args.question, images=args.image, stream=True, **options))
         return
     # Interactive: the --image files go with the first question; an empty line or EOF ends the chat.
     history, images = [], list(args.image)
@@ -60,11 +74,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not question:
             return
         print("janus> ", end="", flush=True)
-        answer = ""
-        for piece in model.chat(question, images=images, history=history, stream=True, **options):
-            answer += piece
-            print(piece, end="", flush=True)
-        print()
+        answer = _print_answer(model.chat(question, images=images, history=history, stream=True, **options))
         history += [{"role": "user", "content": question, "images": images}, {"role": "assistant", "content": answer}]
         images = []
 
