@@ -1,4 +1,5 @@
-"""A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer.
+"""A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer
+(and, optionally, a pretrained understanding encoder).
 
 This is the "stage 0 export" that stage 1 starts from when no pretrained checkpoint is used, as for
 the built-in default model (stages/build_default_model.py).
@@ -21,7 +22,8 @@ from ..processing.tokenizer import Tokenizer
 def init_weights(model: JanusModel, std: float = 0.02) -> None:
     """GPT-style initialisation of the decoder, adaptors and image head: N(0, std) weights, zero biases.
 
-    The SigLIP tower keeps timm's own initialisation, and the VQ tokenizer is loaded from stage 0.
+    The SigLIP tower keeps timm's own initialisation (or is loaded from stage 0), and the VQ tokenizer is
+    loaded from stage 0.
     """
     for part in (model.decoder, model.und_adaptor, model.gen_embed, model.gen_adaptor, model.gen_head):
         for module in part.modules():
@@ -31,9 +33,17 @@ def init_weights(model: JanusModel, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def assemble_model(cfg: JanusConfig, vq_weights: str | Path, tokenizer_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+def assemble_model(
+    cfg: JanusConfig,
+    vq_weights: str | Path,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    vit_weights: str | Path | None = None,
+) -> Path:
     """Write a native checkpoint to `out`: freshly initialised weights, the VQ from `vq_weights`
-    (a stage-0 `vq.safetensors`) and the tokenizer files of `tokenizer_dir`."""
+    (a stage-0 `vq.safetensors`), the understanding encoder from `vit_weights` when given (a stage-0
+    `vit.safetensors`) and the tokenizer files of `tokenizer_dir`."""
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if tokenizer.vocab_size > cfg.decoder.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the decoder's vocab_size is {cfg.decoder.vocab_size}")
@@ -44,4 +54,9 @@ def assemble_model(cfg: JanusConfig, vq_weights: str | Path, tokenizer_dir: str 
         model.vq.load_state_dict(load_file(str(vq_weights)))
     except RuntimeError as e:  # names or shapes that do not match the config's VQ
         raise ConfigError(f"{vq_weights} does not fit the model's VQ config {cfg.vq}: {e}") from None
+    if vit_weights is not None:
+        try:
+            model.vision.load_state_dict(load_file(str(vit_weights)))
+        except RuntimeError as e:
+            raise ConfigError(f"{vit_weights} does not fit the model's vision config {cfg.vision}: {e}") from None
     return save_model(model, out, "native", extra_files_from=tokenizer_dir, image_token_id=tokenizer.image_id)

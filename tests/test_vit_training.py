@@ -1,0 +1,70 @@
+"""Stage 0: the understanding encoder learns each patch's shape and colour from the shapes world."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from janus.checkpoint import load_model
+from janus.data.shapes import Scene, SceneObject, write_dataset
+from janus.models.config import ConfigError, JanusConfig
+from janus.models.siglip import build_siglip
+from janus.models.vq import VQModel
+from janus.testing import save_tiny_sentencepiece
+from janus.train.assemble import assemble_model
+from janus.train.vit import COLOURS, SHAPES, patch_labels
+
+REPO = Path(__file__).resolve().parents[1]
+VISION = JanusConfig.preset("tiny").vision  # 32 px, 8 px patches: a 4 x 4 grid
+
+
+def test_patch_labels_name_the_object_covering_each_patch():
+    # A large square filling the centre four patches (8..24 px of 32), a small circle in the top-left patch.
+    square = SceneObject("square", "red", "large", 0.5, 0.5)
+    circle = SceneObject("circle", "blue", "small", 0.125, 0.125)
+    shapes, colours = patch_labels(Scene((square, circle)), VISION)
+    grid = shapes.view(4, 4)
+    for row, col in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+        assert grid[row, col] == 1 + SHAPES.index("square") and colours.view(4, 4)[row, col] == 1 + COLOURS.index("red")
+    assert grid[0, 0] == 1 + SHAPES.index("circle") and colours[0] == 1 + COLOURS.index("blue")
+    assert grid[3, 3] == 0 and grid[0, 3] == 0  # background
+    # Drawn later, an overlapping object takes the patches it covers most of.
+    cover = SceneObject("triangle", "green", "large", 0.5, 0.5)
+    assert set(patch_labels(Scene((square, cover)), VISION)[0].view(4, 4)[1:3, 1:3].flatten().tolist()) <= {1 + SHAPES.index("triangle"), 1 + SHAPES.index("square")}
+    assert (patch_labels(Scene((square, cover)), VISION)[1].view(4, 4)[1:3, 1:3] == 1 + COLOURS.index("green")).any()
+
+
+def test_stage0_vit_learns_patch_labels_and_its_encoder_goes_into_a_fresh_model(tmp_path):
+    write_dataset(tmp_path / "data", 40, seed=0, resolution=32, splits={"train": 1.0})
+    scenes = tmp_path / "data" / "train" / "scenes.jsonl"
+    out = tmp_path / "vit"
+    cmd = [
+        sys.executable, "stages/stage0_vit.py", "--config", "configs/default/vit.yaml", "--set", "model=tiny",
+        "--set", f"train_scenes=[{scenes}]", "--set", f"heldout_scenes=[{scenes}]",  # overfit a few scenes
+        "--set", f"out={out}", "--set", "steps=150", "--set", "batch_size=16", "--set", "lr=0.003", "--set", "eval_every=75",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [75, 150]
+    assert metrics[-1]["colour_accuracy"] > 0.9 and metrics[-1]["shape_accuracy"] > 0.6
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+    cfg = JanusConfig.preset("tiny")
+    save_file(VQModel(cfg.vq).state_dict(), str(tmp_path / "vq.safetensors"))
+    tokenizer = save_tiny_sentencepiece(tmp_path / "tokenizer")
+    model = load_model(assemble_model(cfg, tmp_path / "vq.safetensors", tokenizer, tmp_path / "stage0", vit_weights=out / "vit.safetensors"), "cpu")
+    trained = load_file(str(out / "vit.safetensors"))
+    assert trained.keys() == model.vision.state_dict().keys()
+    assert all(torch.equal(model.vision.state_dict()[k], v) for k, v in trained.items())
+    assert not all(torch.equal(build_siglip(cfg.vision).state_dict()[k], v) for k, v in trained.items())
+
+    wider = JanusConfig.preset("tiny")
+    wider.vision.width = 48
+    with pytest.raises(ConfigError, match="does not fit the model's vision config"):
+        assemble_model(wider, tmp_path / "vq.safetensors", tokenizer, tmp_path / "other", vit_weights=out / "vit.safetensors")
