@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -123,6 +123,18 @@ def _merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
         merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+FlatConfig = TypeVar("FlatConfig")
+
+
+def load_flat_config(cls: type[FlatConfig], path: str | Path, overrides: list[str] = ()) -> FlatConfig:
+    """A one-level dataclass config (the stage-0 runs) from a YAML file with `key=value` overrides;
+    unknown or missing fields are named in a ValueError."""
+    try:
+        return cls(**read_config_tree(path, overrides))
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def read_config_tree(path: str | Path, overrides: list[str] = (), stage: int | None = None) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from ..data.shapes import BACKGROUND, PALETTE, SHAPES, Scene, render
 from ..models.config import JanusConfig, VisionConfig
 from ..models.siglip import build_siglip
 from ..processing.image import preprocess_understanding
-from .config import read_config_tree
 
 WEIGHTS = "vit.safetensors"
 COLOURS = tuple(PALETTE)
@@ -151,10 +150,3 @@ def train_vit(cfg: ViTRunConfig) -> dict[str, float]:
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp))
     os.replace(tmp, out / WEIGHTS)
     return metrics
-
-
-def load_vit_run_config(path: str | Path, overrides: list[str] = ()) -> ViTRunConfig:
-    try:
-        return ViTRunConfig(**read_config_tree(path, overrides))
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None

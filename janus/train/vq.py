@@ -24,7 +24,6 @@ from ..data.records import read_records
 from ..models.config import VQConfig
 from ..models.vq import VQModel
 from ..processing.image import preprocess_generation
-from .config import read_config_tree
 
 WEIGHTS = "vq.safetensors"
 
@@ -109,10 +108,3 @@ def train_vq(cfg: VQRunConfig) -> dict[str, float]:
     os.replace(tmp, out / WEIGHTS)
     (out / "vq_config.json").write_text(json.dumps({**vq_cfg.__dict__, "channel_mult": list(vq_cfg.channel_mult)}, indent=2) + "\n")
     return metrics
-
-
-def load_vq_run_config(path: str | Path, overrides: list[str] = ()) -> VQRunConfig:
-    try:
-        return VQRunConfig(**read_config_tree(path, overrides))
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
