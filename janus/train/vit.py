@@ -143,7 +143,7 @@ def train_vit(cfg: ViTRunConfig) -> dict[str, float]:
             loss.backward()
             optimizer.step()
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = {"step": step, "loss": float(loss), **evaluate(model, *heldout, cfg.batch_size)}
+                metrics = {"step": step, "loss": loss.item(), **evaluate(model, *heldout, cfg.batch_size)}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
     tmp = out / f".{WEIGHTS}.tmp"
