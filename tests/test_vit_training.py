@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from janus.checkpoint import load_model
 from janus.data.shapes import Scene, SceneObject, write_dataset
 from janus.models.config import ConfigError, JanusConfig
-from janus.models.siglip import build_siglip
-from janus.models.vq import VQModel
-from janus.testing import save_tiny_sentencepiece
-from janus.train.assemble import assemble_model
+from janus.models.unified import JanusModel
+from janus.processing.tokenizer import Tokenizer
+from janus.testing import save_tiny_checkpoint
+from janus.train.assemble import load_encoder, refit_encoder
 from janus.train.vit import COLOURS, SHAPES, patch_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_patch_labels_name_the_object_covering_each_patch():
     assert (patch_labels(Scene((square, cover)), VISION)[1].view(4, 4)[1:3, 1:3] == 1 + COLOURS.index("green")).any()
 
 
-def test_stage0_vit_learns_patch_labels_and_its_encoder_goes_into_a_fresh_model(tmp_path):
+def test_stage0_vit_learns_patch_labels_and_its_encoder_refits_a_trained_model(tmp_path):
     write_dataset(tmp_path / "data", 40, seed=0, resolution=32, splits={"train": 1.0})
     scenes = tmp_path / "data" / "train" / "scenes.jsonl"
     out = tmp_path / "vit"
@@ -55,16 +55,19 @@ def test_stage0_vit_learns_patch_labels_and_its_encoder_goes_into_a_fresh_model(
     assert metrics[-1]["colour_accuracy"] > 0.9 and metrics[-1]["shape_accuracy"] > 0.6
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
-    cfg = JanusConfig.preset("tiny")
-    save_file(VQModel(cfg.vq).state_dict(), str(tmp_path / "vq.safetensors"))
-    tokenizer = save_tiny_sentencepiece(tmp_path / "tokenizer")
-    model = load_model(assemble_model(cfg, tmp_path / "vq.safetensors", tokenizer, tmp_path / "stage0", vit_weights=out / "vit.safetensors"), "cpu")
+    # Refitting: a trained checkpoint gets the encoder; everything else stays as it was.
+    src = save_tiny_checkpoint(tmp_path / "trained")
+    refit = load_model(refit_encoder(src, out / "vit.safetensors", tmp_path / "refit"), "cpu")
+    before = load_model(src, "cpu")
     trained = load_file(str(out / "vit.safetensors"))
-    assert trained.keys() == model.vision.state_dict().keys()
-    assert all(torch.equal(model.vision.state_dict()[k], v) for k, v in trained.items())
-    assert not all(torch.equal(build_siglip(cfg.vision).state_dict()[k], v) for k, v in trained.items())
+    assert trained.keys() == refit.vision.state_dict().keys()
+    assert all(torch.equal(refit.vision.state_dict()[k], v) for k, v in trained.items())
+    assert not all(torch.equal(before.vision.state_dict()[k], v) for k, v in trained.items())
+    rest = {k: v for k, v in before.state_dict().items() if not k.startswith("vision.")}
+    assert all(torch.equal(refit.state_dict()[k], v) for k, v in rest.items())
+    assert Tokenizer.from_dir(tmp_path / "refit").vocab_size == Tokenizer.from_dir(src).vocab_size
 
     wider = JanusConfig.preset("tiny")
     wider.vision.width = 48
     with pytest.raises(ConfigError, match="does not fit the model's vision config"):
-        assemble_model(wider, tmp_path / "vq.safetensors", tokenizer, tmp_path / "other", vit_weights=out / "vit.safetensors")
+        load_encoder(JanusModel(wider), out / "vit.safetensors")

@@ -1,5 +1,5 @@
-"""A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer
-(and, optionally, a pretrained understanding encoder).
+"""A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer;
+and refitting a trained model with a pretrained understanding encoder.
 
 This is the "stage 0 export" that stage 1 starts from when no pretrained checkpoint is used, as for
 the built-in default model (stages/build_default_model.py).
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import save_model
+from ..checkpoint import load_model, save_model
 from ..models.config import ConfigError, JanusConfig
 from ..models.unified import JanusModel
 from ..processing.tokenizer import Tokenizer
@@ -22,8 +22,7 @@ from ..processing.tokenizer import Tokenizer
 def init_weights(model: JanusModel, std: float = 0.02) -> None:
     """GPT-style initialisation of the decoder, adaptors and image head: N(0, std) weights, zero biases.
 
-    The SigLIP tower keeps timm's own initialisation (or is loaded from stage 0), and the VQ tokenizer is
-    loaded from stage 0.
+    The SigLIP tower keeps timm's own initialisation, and the VQ tokenizer is loaded from stage 0.
     """
     for part in (model.decoder, model.und_adaptor, model.gen_embed, model.gen_adaptor, model.gen_head):
         for module in part.modules():
@@ -33,17 +32,9 @@ def init_weights(model: JanusModel, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def assemble_model(
-    cfg: JanusConfig,
-    vq_weights: str | Path,
-    tokenizer_dir: str | Path,
-    out: str | Path,
-    seed: int = 0,
-    vit_weights: str | Path | None = None,
-) -> Path:
+def assemble_model(cfg: JanusConfig, vq_weights: str | Path, tokenizer_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
     """Write a native checkpoint to `out`: freshly initialised weights, the VQ from `vq_weights`
-    (a stage-0 `vq.safetensors`), the understanding encoder from `vit_weights` when given (a stage-0
-    `vit.safetensors`) and the tokenizer files of `tokenizer_dir`."""
+    (a stage-0 `vq.safetensors`) and the tokenizer files of `tokenizer_dir`."""
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if tokenizer.vocab_size > cfg.decoder.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the decoder's vocab_size is {cfg.decoder.vocab_size}")
@@ -54,9 +45,20 @@ def assemble_model(
         model.vq.load_state_dict(load_file(str(vq_weights)))
     except RuntimeError as e:  # names or shapes that do not match the config's VQ
         raise ConfigError(f"{vq_weights} does not fit the model's VQ config {cfg.vq}: {e}") from None
-    if vit_weights is not None:
-        try:
-            model.vision.load_state_dict(load_file(str(vit_weights)))
-        except RuntimeError as e:
-            raise ConfigError(f"{vit_weights} does not fit the model's vision config {cfg.vision}: {e}") from None
     return save_model(model, out, "native", extra_files_from=tokenizer_dir, image_token_id=tokenizer.image_id)
+
+
+def load_encoder(model: JanusModel, vit_weights: str | Path) -> None:
+    """Put a stage-0 `vit.safetensors` into the model's understanding encoder."""
+    try:
+        model.vision.load_state_dict(load_file(str(vit_weights)))
+    except RuntimeError as e:  # names or shapes that do not match the config's vision encoder
+        raise ConfigError(f"{vit_weights} does not fit the model's vision config {model.cfg.vision}: {e}") from None
+
+
+def refit_encoder(src: str | Path, vit_weights: str | Path, out: str | Path) -> Path:
+    """Write the checkpoint `src` to `out` with its understanding encoder replaced by `vit_weights` (a
+    stage-0 `vit.safetensors`); the adaptor then needs realigning (a stage-1 run) before use."""
+    model = load_model(src, "cpu")
+    load_encoder(model, vit_weights)
+    return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)
