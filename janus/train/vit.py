@@ -2,7 +2,8 @@
 
 Janus starts from a pretrained SigLIP encoder and keeps it frozen until stage 3. No pretrained encoder
 can be downloaded here, and a random frozen one gives stages 1-2 nothing to align: in the first
-default model its patch features told an object's shape apart no better than raw pixels. So for
+default model, even after stage 3 had trained it, its patch features told an object's shape apart
+worse than raw pixels (docs/default_model.md). So for
 the shapes world, the encoder is pretrained first, on what the world gives exactly: for every patch,
 the shape and the colour of the object covering most of it (or none). The patch features then carry
 what the questions ask about. The labels come from each scene's ground truth (`scenes.jsonl` of
