@@ -36,8 +36,9 @@ def test_patch_labels_name_the_object_covering_each_patch():
     assert grid[3, 3] == 0 and grid[0, 3] == 0  # background
     # Drawn later, an overlapping object takes the patches it covers most of.
     cover = SceneObject("triangle", "green", "large", 0.5, 0.5)
-    assert set(patch_labels(Scene((square, cover)), VISION)[0].view(4, 4)[1:3, 1:3].flatten().tolist()) <= {1 + SHAPES.index("triangle"), 1 + SHAPES.index("square")}
-    assert (patch_labels(Scene((square, cover)), VISION)[1].view(4, 4)[1:3, 1:3] == 1 + COLOURS.index("green")).any()
+    shapes, colours = patch_labels(Scene((square, cover)), VISION)
+    assert set(shapes.view(4, 4)[1:3, 1:3].flatten().tolist()) <= {1 + SHAPES.index("triangle"), 1 + SHAPES.index("square")}
+    assert (colours.view(4, 4)[1:3, 1:3] == 1 + COLOURS.index("green")).any()
 
 
 def test_stage0_vit_learns_patch_labels_and_its_encoder_refits_a_trained_model(tmp_path):
