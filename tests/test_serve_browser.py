@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import ElementClickInterceptedException, NoSuchElementException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -75,6 +76,18 @@ def wait(driver, condition, timeout: float = 60):
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
 
 
+def click(driver, by: str, selector: str, timeout: float = 60) -> None:
+    """Click once the element exists and nothing covers it: while Gradio lays the page out, the header
+    can sit over the tabs for a moment, and Chromium then refuses the click."""
+
+    def clicked(d) -> bool:
+        d.find_element(by, selector).click()
+        return True
+
+    ignored = (ElementClickInterceptedException, NoSuchElementException)
+    WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=ignored).until(clicked)
+
+
 def answered(driver) -> list:
     return [a for a in driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]') if a.text.strip()]
 
@@ -103,10 +116,10 @@ def test_chat_with_an_uploaded_image_streams_answers_over_two_turns(browser, url
 
 def test_generate_shows_progress_then_images_in_the_gallery(browser, url):
     browser.get(url + "/")
-    wait(browser, lambda d: d.find_element(By.XPATH, "//button[@role='tab' and text()='Generate']")).click()
+    click(browser, By.XPATH, "//button[@role='tab' and text()='Generate']")
     prompt = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     prompt.send_keys("a red circle above a blue square")
-    browser.find_element(By.ID, "generate").click()
+    click(browser, By.ID, "generate")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery [role=progressbar]"))
     screenshot(browser, "serve-generate-progress.png")
     images = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .gallery-item img"))
