@@ -597,7 +597,7 @@ def test_code_cache_matches_on_the_fly_encoding(dataset, model, tmp_path):
     assert len(cache) == 11
     loaded = CodeCache.load(tmp_path / "cache")
     assert loaded.codes.dtype == np.int16
-    cached_fn, live_fn = make_image_codes_fn(model.vq, loaded), make_image_codes_fn(model.vq)
+    cached_fn, live_fn = make_image_codes_fn(model.vq, [loaded]), make_image_codes_fn(model.vq)
     for path in dataset["generation"]:
         for record in read(path)[0]:
             image = record.images[0]
@@ -608,7 +608,22 @@ def test_code_cache_matches_on_the_fly_encoding(dataset, model, tmp_path):
     other = JanusModel(CFG)
     randomize(other, seed=1)
     with pytest.raises(ValueError, match="another VQ model"):
-        make_image_codes_fn(other.vq, loaded)
+        make_image_codes_fn(other.vq, [loaded])
+
+
+def test_several_code_caches_are_searched_in_order_then_encoded_on_the_fly(dataset, model, tmp_path):
+    manifest, shard, uncached = dataset["generation"]
+    first = write_code_cache([manifest], model.vq, tmp_path / "first")
+    second = write_code_cache([manifest, shard], model.vq, tmp_path / "second")
+    # Zeroed codes mark the rows that came from the second cache.
+    second = CodeCache(np.zeros_like(second.codes), second.index)
+    image_codes, live_fn = make_image_codes_fn(model.vq, [first, second]), make_image_codes_fn(model.vq)
+    for path, source in ((manifest, "first"), (shard, "second"), (uncached, "encoded")):
+        for record in read(path)[0]:
+            live = live_fn(record.images[0])
+            assert live.any()
+            expected = torch.zeros_like(live) if source == "second" else live
+            assert torch.equal(image_codes(record.images[0]), expected), (path, source)
 
 
 def test_tokenize_images_from_a_checkpoint(dataset, tmp_path):

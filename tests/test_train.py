@@ -133,8 +133,9 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
         load_run_config(REPO / "configs/tiny.yaml", ["train.stepz=3"], stage=1)
     with pytest.raises(ValueError, match="unknown data kinds"):
         load_run_config(REPO / "configs/tiny.yaml", ["data.ratios={video: 1}"], stage=1)
-    for size in ("1b", "7b"):
-        load_run_config(REPO / f"configs/janus-pro-{size}.yaml", stage=2)
+    for size in ("1b", "7b"):  # their code cache is a single path: a list of one
+        assert load_run_config(REPO / f"configs/janus-pro-{size}.yaml", ["root=/r"], stage=2).data.code_cache == ["/r/data/codes"]
+    assert load_run_config(REPO / "configs/tiny.yaml", stage=1).data.code_cache == []
 
 
 def test_per_stage_sections_merge_under_command_line_overrides(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,14 +119,19 @@ def write_code_cache(
     return CodeCache.load(out_dir)
 
 
-def make_image_codes_fn(vq_model: VQModel, cache: CodeCache | None = None) -> Callable[[Image.Image], Tensor]:
-    """image -> codes [num_tokens]: from the cache when it holds the image, else encoded now."""
-    if cache is not None:
+def make_image_codes_fn(vq_model: VQModel, caches: Sequence[CodeCache] = ()) -> Callable[[Image.Image], Tensor]:
+    """image -> codes [num_tokens]: from the first cache that holds the image, else encoded now."""
+    for cache in caches:
         cache.check(vq_model)
 
     def image_codes(image: Image.Image) -> Tensor:
-        codes = None if cache is None else cache.get(image_key(image))
-        return encode_images(vq_model, [image])[0] if codes is None else codes
+        if caches:
+            key = image_key(image)
+            for cache in caches:
+                codes = cache.get(key)
+                if codes is not None:
+                    return codes
+        return encode_images(vq_model, [image])[0]
 
     return image_codes
 

@@ -26,7 +26,9 @@ class DataConfig:
     ratios: dict[str, float] | None = None  # kind -> weight; default: the stage's und : text : gen
     seq_len: int = 4096
     uncond_prob: float = 0.1  # generation prompts replaced by pads, for classifier-free guidance
-    code_cache: str | None = None  # from `janus tokenize-images`; else codes are made on the fly
+    # Directories from `janus tokenize-images`, looked up in order (a single path is allowed); an image
+    # that none holds is encoded on the fly.
+    code_cache: list[str] = field(default_factory=list)
     prefetch_rows: int = 16  # rows built ahead in a background thread; 0 builds them between steps
 
 
@@ -79,6 +81,8 @@ class RunConfig:
         unknown = (set(self.data.ratios) | set(self.data.sources)) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
+        if isinstance(self.data.code_cache, str):
+            self.data.code_cache = [self.data.code_cache]
         if self.data.prefetch_rows < 0:
             raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
         if self.optim.lr is None:

@@ -78,10 +78,8 @@ def make_stream(cfg: RunConfig, model_cfg, vq: nn.Module, tokenizer: Tokenizer, 
     """Each rank draws its own mixture (seeded by rank), so ranks see different data. `vq` encodes
     generation images that the code cache lacks."""
     seed = cfg.train.seed + 1000 * rank
-    cache = CodeCache.load(cfg.data.code_cache) if cfg.data.code_cache else None
-    if cache is not None:
-        cache.check(vq)
-    builder = SampleBuilder(tokenizer, model_cfg, make_image_codes_fn(vq, cache), cfg.data.seq_len, cfg.data.uncond_prob, seed)
+    caches = [CodeCache.load(directory) for directory in cfg.data.code_cache]
+    builder = SampleBuilder(tokenizer, model_cfg, make_image_codes_fn(vq, caches), cfg.data.seq_len, cfg.data.uncond_prob, seed)
     sources = {kind: [f for pattern in paths for f in sorted(glob.glob(pattern)) or [pattern]] for kind, paths in cfg.data.sources.items()}
     return PackedStream(Mixture(sources, cfg.data.ratios, seed), builder, Packer(cfg.data.seq_len, tokenizer.pad_id))
 
