@@ -134,6 +134,7 @@ def generate_image_codes(
     key_valid = torch.cat([valid, valid.new_ones(len(rows), max_len - prefix)], dim=1)
     logits = model.image_logits(hidden).float()
     codes = torch.empty(len(prompts), n_tokens, dtype=torch.long, device=hidden.device)
+    first_slot = torch.tensor([prefix], device=hidden.device)  # made once: a host->device copy each step would sync
     for i in range(n_tokens):
         token = sample(cfg_mix(logits, cfg_weight) if guided else logits, sampling, generator)
         codes[:, i] = token
@@ -141,10 +142,8 @@ def generate_image_codes(
             on_step()
         if i == n_tokens - 1:
             break
-        slot = prefix + i
-        reads = key_valid if static_cache_reads else key_valid[:, : slot + 1]
-        slot_t = torch.tensor([slot], device=hidden.device)
-        logits = step_fn(model, token.repeat(2) if guided else token, positions + i, slot_t, reads)
+        reads = key_valid if static_cache_reads else key_valid[:, : prefix + i + 1]
+        logits = step_fn(model, token.repeat(2) if guided else token, positions + i, first_slot + i, reads)
     return codes
 
 

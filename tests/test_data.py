@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import janus.checkpoint
+from janus.checkpoint import load_model
 from janus.data import (
     KINDS,
     CodeCache,
@@ -624,6 +626,16 @@ def test_several_code_caches_are_searched_in_order_then_encoded_on_the_fly(datas
             assert live.any()
             expected = torch.zeros_like(live) if source == "second" else live
             assert torch.equal(image_codes(record.images[0]), expected), (path, source)
+
+
+def test_a_cache_made_where_auto_means_bfloat16_is_accepted_by_training(dataset, tmp_path, monkeypatch):
+    """On CUDA, load_model's "auto" dtype is bfloat16, but training's VQ runs in float32: the cache
+    must be made in float32 or its codebook check refuses it."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "model", seed=0)
+    resolve = janus.checkpoint._resolve_dtype
+    monkeypatch.setattr(janus.checkpoint, "_resolve_dtype", lambda dtype, device: torch.bfloat16 if dtype == "auto" else resolve(dtype, device))
+    cache = tokenize_images(dataset["generation"][:1], checkpoint, tmp_path / "cache", device="cpu")
+    make_image_codes_fn(load_model(checkpoint, "cpu", torch.float32).vq, [cache])
 
 
 def test_tokenize_images_from_a_checkpoint(dataset, tmp_path):

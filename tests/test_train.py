@@ -18,6 +18,7 @@ import janus
 from janus.checkpoint import load_model
 from janus.testing import make_tiny_run
 from janus.train.config import load_run_config
+from janus.train.loop import flops_per_token
 from janus.train.stages import apply_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,9 +116,13 @@ def test_zero3_trains_exactly_like_zero0(tmp_path):
     results = {}
     for zero in (0, 3):
         root = make_tiny_run(tmp_path / f"zero{zero}")
-        run(command(2, root, "init_from={root}/stage0/export", "train.steps=3", f"deepspeed={{zero_optimization: {{stage: {zero}}}}}"))
+        run(command(2, root, "init_from={root}/stage0/export", "train.steps=3", "train.peak_tflops=1", f"deepspeed={{zero_optimization: {{stage: {zero}}}}}"))
         results[zero] = (losses(root / "stage2"), weights(root / "stage2" / "export"))
     assert [r["loss"] for r in results[0][0].values()] == pytest.approx([r["loss"] for r in results[3][0].values()], rel=1e-6)
+    # MFU / (tokens/s) x peak is the FLOPs per token, which count the parameters ZeRO-3 partitions
+    expected = flops_per_token(load_model(root / "stage2" / "export", "cpu"), seq_len=512)  # configs/tiny.yaml's
+    for zero in (0, 3):
+        assert [r["mfu"] / r["tokens_per_s"] * 1e12 for r in results[zero][0].values()] == pytest.approx([expected] * 3, rel=1e-9)
     a, b = results[0][1], results[3][1]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

@@ -140,5 +140,6 @@ def tokenize_images(
     manifests: list[str | Path], model_dir: str | Path, out_dir: str | Path, device: str = "auto"
 ) -> CodeCache:
     """`janus tokenize-images`: the code cache of the generation images in `manifests` (and tar shards),
-    made with the VQ of the checkpoint in `model_dir`."""
-    return write_code_cache(manifests, load_model(model_dir, device).vq, out_dir)
+    made with the VQ of the checkpoint in `model_dir`, in float32 as training's VQ runs (a cache is
+    checked against that VQ's codebook; on CUDA the default dtype would be bfloat16)."""
+    return write_code_cache(manifests, load_model(model_dir, device, torch.float32).vq, out_dir)

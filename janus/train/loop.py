@@ -128,6 +128,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     model.decoder.checkpoint_layers = cfg.train.activation_checkpointing
     # The data pipeline's own copy of the frozen VQ: ZeRO-3 partitions the model's parameters.
     data_vq = copy.deepcopy(model.vq).to(device)
+    token_flops = flops_per_token(model, cfg.data.seq_len)  # before ZeRO-3 partitions the parameters away
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -149,7 +150,6 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         writer = SummaryWriter(str(Path(cfg.checkpoint.dir) / "tensorboard"))
         print(f"stage {cfg.stage}: training {', '.join(trainable)} on {world} process(es), from step {step}")
     peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
-    token_flops = flops_per_token(model, cfg.data.seq_len)
 
     autocast = cfg.train.cpu_autocast and device.type == "cpu"
     bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
