@@ -1,15 +1,15 @@
 """Attention kernels and masks.
 
-flash-attn is used on CUDA in half precision when it is installed: its causal kernel for unmasked
-attention and its varlen kernel for packed training rows. Everything else goes through PyTorch SDPA
-(which picks its own fused kernel) with an explicit mask. Both compute the same function; the masks
-here make padded batches, packed documents and cached decoding exact.
+flash-attn is used on CUDA (Ampere or newer) in half precision when it is installed: its causal
+kernel for unmasked attention and its varlen kernel for packed training rows. Everything else goes
+through PyTorch SDPA (which picks its own fused kernel) with an explicit mask. Both compute the same
+function; the masks here make padded batches, packed documents and cached decoding exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, docs: Documents, kernel=No
     return out.view(b, t, h, d).transpose(1, 2)
 
 
+@cache
+def _flash_supports(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 8  # flash-attn 2 needs Ampere or newer
+
+
 def _flash_applies(q: Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_supports(q.device.index)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Documents | None) -> Tensor:
