@@ -36,8 +36,8 @@ from .checkpointing import CheckpointManager
 from .config import KINDS, RunConfig, load_run_config
 from .stages import apply_stage
 
-# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate; the first name found in the device's wins.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 class LossModule(nn.Module):
