@@ -106,8 +106,8 @@ def main() -> None:
                                                             "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
     more = root / "data_more"
     step("data_more", more / "train" / "scenes.jsonl", lambda: write_dataset(more, MORE_SCENES, seed=1, resolution=64, splits={"train": 1.0}))
-    step("tokenize_more", root / "codes_more", lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(data / "train" / "generation.jsonl"),
-                                                           str(more / "train" / "generation.jsonl"), "--model", str(stage0), "--out", str(root / "codes_more")))
+    step("tokenize_more", root / "codes_more", lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(more / "train" / "generation.jsonl"),
+                                                           "--model", str(stage0), "--out", str(root / "codes_more")))
     refit = root / "refit"
     step("refit_encoder", refit / "stage0" / "export", lambda: refit_encoder(root / "stage3" / "export", vit / "vit.safetensors", refit / "stage0" / "export"))
     for stage in (1, 3):
