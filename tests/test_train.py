@@ -141,6 +141,7 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
     for size in ("1b", "7b"):  # their code cache is a single path: a list of one
         assert load_run_config(REPO / f"configs/janus-pro-{size}.yaml", ["root=/r"], stage=2).data.code_cache == ["/r/data/codes"]
     assert load_run_config(REPO / "configs/tiny.yaml", stage=1).data.code_cache == []
+    assert load_run_config(REPO / "configs/tiny.yaml", ["data.code_cache=null"], stage=1).data.code_cache == []
 
 
 def test_per_stage_sections_merge_under_command_line_overrides(tmp_path):

@@ -81,8 +81,8 @@ class RunConfig:
         unknown = (set(self.data.ratios) | set(self.data.sources)) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
-        if isinstance(self.data.code_cache, str):
-            self.data.code_cache = [self.data.code_cache]
+        cache = self.data.code_cache
+        self.data.code_cache = [cache] if isinstance(cache, str) else list(cache or [])  # one path, or null: none
         if self.data.prefetch_rows < 0:
             raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
         if self.optim.lr is None:
