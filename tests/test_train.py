@@ -142,6 +142,10 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
         assert load_run_config(REPO / f"configs/janus-pro-{size}.yaml", ["root=/r"], stage=2).data.code_cache == ["/r/data/codes"]
     assert load_run_config(REPO / "configs/tiny.yaml", stage=1).data.code_cache == []
     assert load_run_config(REPO / "configs/tiny.yaml", ["data.code_cache=null"], stage=1).data.code_cache == []
+    # "{root}/.." is resolved in the config, not by the file system, where it fails while {root} does not exist
+    cfg = load_run_config(REPO / "configs/default/extend.yaml", ["root=/r/extend"])
+    assert cfg.init_from == "/r/refit/stage3/export" and cfg.data.code_cache[0] == "/r/codes"
+    assert cfg.data.sources["text"][0] == "/r/data/train/text.jsonl" and cfg.checkpoint.dir == "/r/extend/stage3"
 
 
 def test_per_stage_sections_merge_under_command_line_overrides(tmp_path):

@@ -9,6 +9,7 @@ three-stage run."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,6 +84,11 @@ class RunConfig:
             raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
         cache = self.data.code_cache
         self.data.code_cache = [cache] if isinstance(cache, str) else list(cache or [])  # one path, or null: none
+        # Paths are normalised lexically, so "{root}/../data" works before {root} exists.
+        self.init_from = os.path.normpath(self.init_from)
+        self.checkpoint.dir = os.path.normpath(self.checkpoint.dir)
+        self.data.code_cache = [os.path.normpath(d) for d in self.data.code_cache]
+        self.data.sources = {kind: [os.path.normpath(f) for f in files] for kind, files in self.data.sources.items()}
         if self.data.prefetch_rows < 0:
             raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
         if self.optim.lr is None:
