@@ -82,12 +82,12 @@ class RunConfig:
         unknown = (set(self.data.ratios) | set(self.data.sources)) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown data kinds {sorted(unknown)}; use {KINDS}")
-        cache = self.data.code_cache
-        self.data.code_cache = [cache] if isinstance(cache, str) else list(cache or [])  # one path, or null: none
         # Paths are normalised lexically, so "{root}/../data" works before {root} exists.
         self.init_from = os.path.normpath(self.init_from)
         self.checkpoint.dir = os.path.normpath(self.checkpoint.dir)
-        self.data.code_cache = [os.path.normpath(d) for d in self.data.code_cache]
+        caches = self.data.code_cache
+        caches = [caches] if isinstance(caches, str) else caches or []  # one path, or null: none
+        self.data.code_cache = [os.path.normpath(d) for d in caches]
         self.data.sources = {kind: [os.path.normpath(f) for f in files] for kind, files in self.data.sources.items()}
         if self.data.prefetch_rows < 0:
             raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
