@@ -125,7 +125,8 @@ class Janus:
                         )
                     )
             finally:
-                self._release_cache()
+                if not self.compiled:  # a compiled step must keep seeing the same buffers
+                    self.model.decoder.drop_cache("image")
         return torch.cat(codes)
 
     def generate_image(self, prompt: str | Sequence[str], n: int = 1, **kwargs) -> list[Image.Image]:
@@ -195,13 +196,8 @@ class Janus:
             self.model, tokens, tokens == self.tokenizer.image_id, pixels, max_new_tokens,
             self.tokenizer.eos_id, sampling, generator, self.tokenizer.vocab_size,
         )
-        pieces = ChatStream(ids, tokens.shape[1], self.tokenizer, self._release_cache)
+        pieces = ChatStream(ids, tokens.shape[1], self.tokenizer, lambda: self.model.decoder.drop_cache("text"))
         return pieces if stream else "".join(pieces)
-
-    def _release_cache(self) -> None:
-        """Free the KV cache between calls, unless a compiled step must keep seeing the same buffers."""
-        if not self.compiled:
-            self.model.decoder.drop_cache()
 
     def _chat_inputs(self, turns: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
         system = None

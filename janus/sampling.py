@@ -165,7 +165,7 @@ def generate_text(
     """
     device = tokens.device
     length = tokens.shape[1]
-    model.decoder.setup_cache(1, length + max_new_tokens)
+    model.decoder.setup_cache(1, length + max_new_tokens, name="text")
     slots = torch.arange(length, device=device)
     valid = torch.ones(1, length + max_new_tokens, dtype=torch.bool, device=device)
     h = model.embed(tokens, image_mask, pixels)

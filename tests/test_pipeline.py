@@ -214,3 +214,23 @@ def test_static_shape_step_compiles_without_graph_breaks_and_matches(pipe):
         pipe.model, prompts, pipe.tokenizer.pad_id, 5.0, greedy, step_fn=compiled_step, static_cache_reads=True
     )
     assert torch.equal(static, dynamic) and torch.equal(compiled, dynamic)
+
+
+def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path):
+    """A compiled image step (a CUDA graph on GPU) reads the cache buffers it was recorded with: chat
+    between two image calls must not replace them, or the graph is recorded again. torch.compile is
+    stubbed out here; what is checked is which buffers the calls use."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    path = save_tiny_checkpoint(tmp_path / "tiny")
+    compiled = janus.load(path, device="cpu", dtype="float32", compile=True)
+    eager = janus.load(path, device="cpu", dtype="float32")
+    layers = compiled.model.decoder.layers
+    first = compiled.generate_image_tokens(["a red circle", "a star"], seed=3)
+    buffers = [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers]
+    answer = compiled.chat("what colour is it?", images=[Image.new("RGB", (32, 32), "red")], max_new_tokens=6)
+    assert answer == eager.chat("what colour is it?", images=[Image.new("RGB", (32, 32), "red")], max_new_tokens=6)
+    assert "text" not in compiled.model.decoder.caches  # chat's cache is freed after the answer
+    again = compiled.generate_image_tokens(["a red circle", "a star"], seed=3)
+    assert [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers] == buffers
+    assert torch.equal(again, first) and torch.equal(first, eager.generate_image_tokens(["a red circle", "a star"], seed=3))
+    assert not eager.model.decoder.caches  # without compilation no cache outlives its call

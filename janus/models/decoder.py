@@ -5,9 +5,10 @@ works on embeddings, not token ids: the unified model mixes text, image features
 Two modes share one code path (as in gpt-fast):
 - no cache: attend within the given sequence (training, scoring); `mask=None` means plain causal,
   `Documents` packed training rows;
-- cached: `setup_cache` allocates key/value buffers once; each call writes its keys and values at
-  `cache_pos` and attends over the first `mask.shape[-1]` cache slots, so the caller picks how much of
-  the cache a step reads and a padded batch needs no special code.
+- cached: `setup_cache` allocates key/value buffers once (image generation and chat each have their
+  own); each call writes its keys and values at `cache_pos` and attends over the first
+  `mask.shape[-1]` cache slots, so the caller picks how much of the cache a step reads and a padded
+  batch needs no special code.
 """
 
 from __future__ import annotations
@@ -120,16 +121,23 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers = False  # training: recompute each layer in the backward pass to save memory
+        self.caches: dict[str, list[KVCache]] = {}  # by name; see setup_cache
 
-    def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate the key/value cache for `batch` rows of `max_len` slots; an existing cache of that
-        shape is kept, so a compiled step keeps seeing the same buffers."""
-        if self.cache_shape == (batch, max_len):
-            return
+    def setup_cache(self, batch: int, max_len: int, name: str = "image") -> None:
+        """Make the key/value cache called `name`, `batch` rows of `max_len` slots, the one the layers
+        use. Caches are kept by name and one of the same shape is reused, so a compiled (CUDA-graph)
+        step keeps seeing the same buffers; chat uses its own name and never replaces them."""
         p = self.embed_tokens.weight
-        for layer in self.layers:
-            attn = layer.self_attn
-            attn.cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
+        caches = self.caches.get(name)
+        k = caches[0].k if caches else None
+        if k is None or (k.shape[0], k.shape[2], k.dtype, k.device) != (batch, max_len, p.dtype, p.device):
+            caches = [
+                KVCache(batch, layer.self_attn.n_kv_heads, max_len, layer.self_attn.head_dim, p.dtype, p.device)
+                for layer in self.layers
+            ]
+            self.caches[name] = caches
+        for layer, cache in zip(self.layers, caches):
+            layer.self_attn.cache = cache
 
     def share_prefix(self, rows: Tensor, length: int) -> None:
         """Make the first `length` slots of cache row i a copy of row `rows[i]`: a prefix computed
@@ -139,15 +147,12 @@ class Decoder(nn.Module):
             for buf in (cache.k, cache.v):
                 buf[: len(rows), :, :length] = buf[rows, :, :length]
 
-    def drop_cache(self) -> None:
+    def drop_cache(self, name: str) -> None:
+        """Free the cache called `name` (a no-op when there is none)."""
+        caches = self.caches.pop(name, None)
         for layer in self.layers:
-            layer.self_attn.cache = None
-
-    @property
-    def cache_shape(self) -> tuple[int, int] | None:
-        """(batch, max_len) of the allocated cache, or None."""
-        cache = self.layers[0].self_attn.cache
-        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+            if caches is not None and layer.self_attn.cache in caches:
+                layer.self_attn.cache = None
 
     def forward(
         self,
