@@ -218,8 +218,8 @@ def test_static_shape_step_compiles_without_graph_breaks_and_matches(pipe):
 
 def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path):
     """A compiled image step (a CUDA graph on GPU) reads the cache buffers it was recorded with: chat
-    between two image calls must not replace them, or the graph is recorded again. torch.compile is
-    stubbed out here; what is checked is which buffers the calls use."""
+    between two image calls must not replace them, or the graph is recorded again; nor must a smaller
+    last chunk. torch.compile is stubbed out here; what is checked is which buffers the calls use."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     path = save_tiny_checkpoint(tmp_path / "tiny")
     compiled = janus.load(path, device="cpu", dtype="float32", compile=True)
@@ -233,4 +233,7 @@ def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path
     again = compiled.generate_image_tokens(["a red circle", "a star"], seed=3)
     assert [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers] == buffers
     assert torch.equal(again, first) and torch.equal(first, eager.generate_image_tokens(["a red circle", "a star"], seed=3))
+    chunked = compiled.generate_image_tokens(["a red circle", "a star", "a cross"], temperature=0, batch_size=2)
+    assert [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers] == buffers
+    assert torch.equal(chunked, eager.generate_image_tokens(["a red circle", "a star", "a cross"], temperature=0))
     assert not eager.model.decoder.caches  # without compilation no cache outlives its call

@@ -124,13 +124,14 @@ class Decoder(nn.Module):
         self.caches: dict[str, list[KVCache]] = {}  # by name; see setup_cache
 
     def setup_cache(self, batch: int, max_len: int, name: str = "image") -> None:
-        """Make the key/value cache called `name`, `batch` rows of `max_len` slots, the one the layers
-        use. Caches are kept by name and one of the same shape is reused, so a compiled (CUDA-graph)
-        step keeps seeing the same buffers; chat uses its own name and never replaces them."""
+        """Make the key/value cache called `name`, at least `batch` rows of `max_len` slots, the one
+        the layers use. Caches are kept by name, and one with as many rows or more (calls may use fewer
+        rows than allocated) and the same length is reused, so a compiled (CUDA-graph) step keeps
+        seeing the same buffers, also for a smaller last chunk; chat uses its own name."""
         p = self.embed_tokens.weight
         caches = self.caches.get(name)
         k = caches[0].k if caches else None
-        if k is None or (k.shape[0], k.shape[2], k.dtype, k.device) != (batch, max_len, p.dtype, p.device):
+        if k is None or k.shape[0] < batch or (k.shape[2], k.dtype, k.device) != (max_len, p.dtype, p.device):
             caches = [
                 KVCache(batch, layer.self_attn.n_kv_heads, max_len, layer.self_attn.head_dim, p.dtype, p.device)
                 for layer in self.layers
