@@ -1,12 +1,12 @@
 """One thread owns the model; the HTTP API and the Gradio demo reach it only through this queue.
 
-The model is not thread-safe (it holds one KV cache), so every request becomes a job that the model
-thread runs one at a time, in arrival order. A semaphore admits at most `concurrency` requests into
-the queue; the others wait their turn in the event loop. Image requests without a seed that share
-their sampling settings are merged into one `generate_image` call, which shares each step's fixed
-cost (the tiny model on CPU: 16 images take about 3 times as long as one). A request with a seed
-always runs alone, so it gets exactly the images of `Janus.generate_image(prompt, n=n, seed=seed, ...)`
-with the same settings.
+The model is not thread-safe (its decoder holds the KV caches), so every request becomes a job that
+the model thread runs one at a time, in arrival order. A semaphore admits at most `concurrency`
+requests into the queue; the others wait their turn in the event loop. Image requests without a seed
+that share their sampling settings are merged into one `generate_image` call, which shares each
+step's fixed cost (the tiny model on CPU: 16 images take about 3 times as long as one). A request
+with a seed always runs alone, so it gets exactly the images of `Janus.generate_image(prompt, n=n,
+seed=seed, ...)` with the same settings.
 """
 
 from __future__ import annotations
