@@ -195,6 +195,21 @@ def test_cpu_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
     assert changed(weights(root / "stage0" / "export"), after, "decoder.")
 
 
+@pytest.mark.parametrize("zero", [0, 3])
+def test_bf16_training_exports_fp32_masters_and_frozen_weights_untouched(tmp_path, zero):
+    """What a GPU run does (DeepSpeed trains a bf16 copy of the module, fp32 masters in the optimiser),
+    forced here on CPU: the export holds the masters, and the frozen encoders as they were loaded."""
+    root = make_tiny_run(tmp_path / "run")
+    run(command(2, root, "init_from={root}/stage0/export", "train.steps=4", "checkpoint.every=1000",
+                "deepspeed.bf16.enabled=true", f"deepspeed.zero_optimization.stage={zero}"))
+    before, after = weights(root / "stage0" / "export"), weights(root / "stage2" / "export")
+    for prefix in ("vision.", "vq."):
+        assert not changed(before, after, prefix), f"frozen {prefix} was rounded to bf16"
+    assert changed(before, after, "decoder.")
+    trained = [v for k, v in after.items() if k.startswith("decoder.")]
+    assert any((v != v.bfloat16().float()).any() for v in trained), "the export holds the bf16 copy, not the masters"
+
+
 def test_stage_freezing_policy():
     from janus.models.config import JanusConfig
     from janus.models.unified import JanusModel

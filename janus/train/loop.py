@@ -208,18 +208,59 @@ def _step_record(step: int, stats: Tensor, seconds: float, lr: float, token_flop
 
 
 def export(engine, model: JanusModel, cfg: RunConfig, rank: int) -> Path:
-    """Write the trained model in our native layout (with the tokenizer) to CHECKPOINT_DIR/export."""
+    """Write the trained model in our native layout (with the tokenizer) to CHECKPOINT_DIR/export.
+
+    In float32 training that is the module itself. Under bf16, DeepSpeed trains a bf16 copy of the
+    module and keeps float32 masters in the optimiser: the export then takes the trainable weights from
+    the masters and the frozen ones from `init_from`, so it stays float32 and frozen weights stay
+    bit-identical from stage to stage (the VQ's codebook, which code caches are checked against).
+    """
     import deepspeed
 
     out = Path(cfg.checkpoint.dir) / "export"
     params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+    if params[0].dtype == torch.float32:
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            if rank == 0:
+                _save_export(model, out, cfg)
+    else:
+        full = load_model(cfg.init_from, device="cpu", dtype=torch.float32) if rank == 0 else None
+        targets = dict(full.named_parameters()) if full is not None else {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            master = _fp32_master(engine, param)
+            if master is None:
+                raise RuntimeError(f"no float32 master weight for trainable parameter {name}")
+            if rank == 0:
+                with torch.no_grad():
+                    targets[name].copy_(master)
         if rank == 0:
-            if out.exists():  # a resumed run exports again
-                shutil.rmtree(out)
-            save_model(model, out, "native", extra_files_from=cfg.init_from)
+            _save_export(full, out, cfg)
     dist.barrier()
     return out
+
+
+def _fp32_master(engine, param: nn.Parameter) -> Tensor | None:
+    """The optimiser's float32 copy of a parameter trained in bf16. ZeRO-1/2/3 link it to the parameter
+    (fetching it is a collective: every rank calls this); under ZeRO-0 DeepSpeed's unfused optimiser
+    keeps the copies group by group."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is None:
+        optimizer = engine.optimizer
+        for low, full in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+            master = next((copy for p, copy in zip(low, full) if p is param), None)
+            if master is not None:
+                break
+    return master
+
+
+def _save_export(model: JanusModel, out: Path, cfg: RunConfig) -> None:
+    if out.exists():  # a resumed run exports again
+        shutil.rmtree(out)
+    save_model(model, out, "native", extra_files_from=cfg.init_from)
 
 
 def main(stage: int) -> None:
