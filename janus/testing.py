@@ -136,6 +136,11 @@ def steer_eos(pipe, towards: bool) -> None:
         decoder.lm_head.weight[eos, 0] = 10.0 if towards else -10.0
 
 
+def cache_buffers(pipe) -> list[tuple[int, int]]:
+    """Addresses of each decoder layer's key and value cache buffers: what a recorded CUDA graph reads."""
+    return [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in pipe.model.decoder.layers]
+
+
 def save_tiny_checkpoint(directory: str | Path, seed: int = 0, layout: str = "native", **decoder_overrides) -> Path:
     """A random-weight model of the `tiny` preset with the tiny tokenizer, saved in `layout`."""
     import dataclasses

@@ -11,7 +11,7 @@ from PIL import Image
 import janus
 from janus.checkpoint import CheckpointError
 from janus.sampling import Sampling, generate_image_codes, sample
-from janus.testing import save_tiny_checkpoint, steer_eos
+from janus.testing import cache_buffers, save_tiny_checkpoint, steer_eos
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +224,15 @@ def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path
     path = save_tiny_checkpoint(tmp_path / "tiny")
     compiled = janus.load(path, device="cpu", dtype="float32", compile=True)
     eager = janus.load(path, device="cpu", dtype="float32")
-    layers = compiled.model.decoder.layers
     first = compiled.generate_image_tokens(["a red circle", "a star"], seed=3)
-    buffers = [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers]
+    buffers = cache_buffers(compiled)
     answer = compiled.chat("what colour is it?", images=[Image.new("RGB", (32, 32), "red")], max_new_tokens=6)
     assert answer == eager.chat("what colour is it?", images=[Image.new("RGB", (32, 32), "red")], max_new_tokens=6)
     assert "text" not in compiled.model.decoder.caches  # chat's cache is freed after the answer
     again = compiled.generate_image_tokens(["a red circle", "a star"], seed=3)
-    assert [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers] == buffers
+    assert cache_buffers(compiled) == buffers
     assert torch.equal(again, first) and torch.equal(first, eager.generate_image_tokens(["a red circle", "a star"], seed=3))
     chunked = compiled.generate_image_tokens(["a red circle", "a star", "a cross"], temperature=0, batch_size=2)
-    assert [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in layers] == buffers
+    assert cache_buffers(compiled) == buffers
     assert torch.equal(chunked, eager.generate_image_tokens(["a red circle", "a star", "a cross"], temperature=0))
     assert not eager.model.decoder.caches  # without compilation no cache outlives its call

@@ -210,6 +210,21 @@ def test_bf16_training_exports_fp32_masters_and_frozen_weights_untouched(tmp_pat
     assert any((v != v.bfloat16().float()).any() for v in trained), "the export holds the bf16 copy, not the masters"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage2_trains_on_cuda_in_bf16_with_an_mfu_estimate(tmp_path):
+    """The GPU default (bf16, no override): the loss falls, MFU is estimated, and the export holds the
+    fp32 masters and the frozen encoders as they were loaded."""
+    root = make_tiny_run(tmp_path / "run")
+    run(command(2, root, "init_from={root}/stage0/export", "train.steps=30", "optim.lr=0.003", "optim.warmup_steps=2",
+                "train.peak_tflops=100", "checkpoint.every=1000"))
+    record = losses(root / "stage2")
+    assert record[30]["loss"] < 0.7 * record[1]["loss"], (record[1]["loss"], record[30]["loss"])
+    assert record[30]["mfu"] is not None and record[30]["mfu"] > 0
+    before, after = weights(root / "stage0" / "export"), weights(root / "stage2" / "export")
+    assert not changed(before, after, "vision.") and not changed(before, after, "vq.")
+    assert any((v != v.bfloat16().float()).any() for k, v in after.items() if k.startswith("decoder."))
+
+
 def test_stage_freezing_policy():
     from janus.models.config import JanusConfig
     from janus.models.unified import JanusModel
