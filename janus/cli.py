@@ -13,6 +13,8 @@ from PIL import Image
 if TYPE_CHECKING:
     from .pipeline import ChatStream
 
+CFG_HELP = "classifier-free guidance weight (default: the checkpoint's guidance_scale in generation_config.json, else 5)"
+
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
     """Images side by side in a near-square grid."""
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("-n", type=int, default=4, help="images to generate (default 4)")
     g.add_argument("-o", "--output", default="out", help="output directory (default ./out)")
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight (default 5)")
+    g.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: as many as fit)")
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=None, help="evaluation seed (default 1000; see docs/shapes.md)")
     shapes.add_argument("--k", type=int, default=4, help="images per generation prompt (default 4)")
     shapes.add_argument("--per-category", type=int, default=50, help="prompts / questions per category (default 50)")
-    shapes.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight for generation (default 5)")
+    shapes.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
     shapes.set_defaults(func=cmd_eval_shapes)

@@ -17,6 +17,8 @@ from torch import Tensor
 from .models.attention import padded_causal_mask
 from .models.unified import JanusModel
 
+DEFAULT_CFG_WEIGHT = 5.0  # Janus's guidance weight; a checkpoint may name its own (generation_config.json)
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -270,3 +270,26 @@ def test_adding_image_positions_keeps_what_the_model_computes(tmp_path):
     with pytest.raises(ConfigError, match="already has image positions"):
         add_image_positions(tmp_path / "out", tmp_path / "again")
 
+
+def test_a_checkpoints_guidance_scale_is_its_default_cfg_weight(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "tiny")
+    assert janus.load(path, device="cpu", dtype="float32").default_cfg_weight == 5.0
+    (path / "generation_config.json").write_text('{"guidance_scale": 2.0, "temperature": 1.0}')
+    pipe = janus.load(path, device="cpu", dtype="float32")
+    assert pipe.default_cfg_weight == 2.0
+    codes = pipe.generate_image_tokens("a red circle", n=2, seed=0)
+    assert torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, cfg_weight=2.0))
+    assert not torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, cfg_weight=5.0))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "generation_config.json is not valid JSON"),
+    ("[2]", "generation_config.json must hold a JSON object"),
+    ('{"guidance_scale": -1}', "guidance_scale must be a number >= 0, got -1"),
+    ('{"guidance_scale": "high"}', "guidance_scale must be a number >= 0, got 'high'"),
+])
+def test_a_bad_generation_config_is_a_clear_error(tmp_path, text, message):
+    path = save_tiny_checkpoint(tmp_path / "tiny")
+    (path / "generation_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        janus.load(path, device="cpu", dtype="float32")

@@ -82,7 +82,7 @@ def heldout_prompts(category: str, n: int, seed: int = EVAL_SEED) -> list[Descri
 # ---------------------------------------------------------------- generation
 
 
-def evaluate_generation(model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float = 5.0) -> dict:
+def evaluate_generation(model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None) -> dict:
     """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds."""
     categories = {}
     for index, category in enumerate(GEN_CATEGORIES):
@@ -213,9 +213,9 @@ def caption_perplexity(model: Janus, n_captions: int, seed: int = EVAL_SEED) -> 
 
 
 def evaluate(
-    model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_SEED, progress: bool = False, cfg_weight: float = 5.0
+    model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_SEED, progress: bool = False, cfg_weight: float | None = None
 ) -> dict:
-    """Every shapes metric of a loaded `janus.Janus` model.
+    """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` None is the model's default.
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
     per POPE negative kind; the text metric uses per_category * 6 captions.
@@ -223,6 +223,7 @@ def evaluate(
     if per_category < 1 or k < 1:
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
     model.model.eval()
+    cfg_weight = model.default_cfg_weight if cfg_weight is None else cfg_weight
     return {
         "settings": {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "understanding_resolution": model.cfg.vision.image_size},
         "generation": evaluate_generation(model, per_category, k, seed, cfg_weight),

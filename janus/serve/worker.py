@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class ImageSettings:
     """Sampling settings of an image request; only requests with equal settings share a batch."""
 
-    cfg_weight: float = 5.0
+    cfg_weight: float | None = None  # None: the model's default
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
