@@ -170,3 +170,5 @@ def test_image_positions_save_natively_and_refuse_the_reference_layouts(tmp_path
         with pytest.raises(ConfigError, match=f"image_positions is a native extension: the {layout} layout"):
             save_model(model, tmp_path / layout, layout, image_token_id=3)
         assert not (tmp_path / layout).exists()
+    with pytest.raises(ConfigError, match="image_positions must be true or false, got 'yes'"):
+        JanusConfig.from_dict({"image_positions": "yes"})

@@ -132,6 +132,8 @@ class JanusConfig:
     image_positions: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.image_positions, bool):
+            raise ConfigError(f"image_positions must be true or false, got {self.image_positions!r}")
         self.vq.channel_mult = tuple(self.vq.channel_mult)
         self.roles = tuple(self.roles)
         self.decoder.validate()
@@ -157,7 +159,7 @@ class JanusConfig:
                 vision=VisionConfig(**d.get("vision", {})),
                 vq=VQConfig(**d.get("vq", {})),
                 roles=tuple(d.get("roles", PRO_ROLES)),
-                image_positions=bool(d.get("image_positions", False)),
+                image_positions=d.get("image_positions", False),
             )
         except TypeError as e:  # unknown field inside a section
             raise ConfigError(f"bad config field: {e}") from None
