@@ -98,11 +98,10 @@ def prefill_shared(model: JanusModel, rows: list[list[int]], pad_id: int, max_le
     return hidden[row_of], valid[row_of], positions[row_of, -1] + 1
 
 
-def image_step(model: JanusModel, codes: Tensor, cell: Tensor, positions: Tensor, slot: Tensor, key_valid: Tensor) -> Tensor:
-    """Image-head logits [B, V] after feeding `codes` [B], the image's grid cell `cell` ([1]), at
-    cache `slot` ([1]); attends over the slots of `key_valid` [B, S] up to `slot` (S may be the whole
-    cache, for static shapes)."""
-    x = model.embed_image_codes(codes, cell)[:, None]
+def image_step(model: JanusModel, codes: Tensor, positions: Tensor, slot: Tensor, key_valid: Tensor) -> Tensor:
+    """Image-head logits [B, V] after feeding `codes` [B] at cache `slot` ([1]); attends over the
+    slots of `key_valid` [B, S] up to `slot` (S may be the whole cache, for static shapes)."""
+    x = model.embed_image_codes(codes)[:, None]
     visible = key_valid & (torch.arange(key_valid.shape[1], device=slot.device) <= slot)
     hidden = model.decoder(x, positions[:, None], visible[:, None, None, :], slot)
     return model.image_logits(hidden[:, -1]).float()
@@ -138,7 +137,6 @@ def generate_image_codes(
     logits = model.image_logits(hidden).float()
     codes = torch.empty(len(prompts), n_tokens, dtype=torch.long, device=hidden.device)
     first_slot = torch.tensor([prefix], device=hidden.device)  # made once: a host->device copy each step would sync
-    first_cell = torch.zeros(1, dtype=torch.long, device=hidden.device)
     for i in range(n_tokens):
         token = sample(cfg_mix(logits, cfg_weight) if guided else logits, sampling, generator)
         codes[:, i] = token
@@ -147,7 +145,7 @@ def generate_image_codes(
         if i == n_tokens - 1:
             break
         reads = key_valid if static_cache_reads else key_valid[:, : prefix + i + 1]
-        logits = step_fn(model, token.repeat(2) if guided else token, first_cell + i, positions + i, first_slot + i, reads)
+        logits = step_fn(model, token.repeat(2) if guided else token, positions + i, first_slot + i, reads)
     return codes
 
 

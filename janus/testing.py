@@ -141,9 +141,7 @@ def cache_buffers(pipe) -> list[tuple[int, int]]:
     return [(layer.self_attn.cache.k.data_ptr(), layer.self_attn.cache.v.data_ptr()) for layer in pipe.model.decoder.layers]
 
 
-def save_tiny_checkpoint(
-    directory: str | Path, seed: int = 0, layout: str = "native", image_positions: bool = False, **decoder_overrides
-) -> Path:
+def save_tiny_checkpoint(directory: str | Path, seed: int = 0, layout: str = "native", **decoder_overrides) -> Path:
     """A random-weight model of the `tiny` preset with the tiny tokenizer, saved in `layout`."""
     import dataclasses
     import tempfile
@@ -154,7 +152,6 @@ def save_tiny_checkpoint(
 
     cfg = JanusConfig.preset("tiny")
     cfg.decoder = dataclasses.replace(cfg.decoder, **decoder_overrides)
-    cfg.image_positions = image_positions
     model = JanusModel(cfg).eval()
     randomize(model, seed)
     with tempfile.TemporaryDirectory() as tokenizer_dir:

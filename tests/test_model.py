@@ -6,13 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
 from janus.checkpoint import load_model, save_model
-from janus.models.config import ConfigError, JanusConfig
+from janus.models.config import JanusConfig
 from janus.models.unified import IGNORE, JanusModel
 from janus.testing import randomize
 
@@ -49,7 +48,7 @@ def test_generation_sequence_loss_uses_the_image_head_and_code_embeddings():
     code_mask = torch.zeros_like(tokens, dtype=torch.bool)
     code_mask[0, 5:] = True
     h = model.embed(tokens, code_mask=code_mask)
-    assert torch.equal(h[0, 5:], model.embed_image_codes(codes, torch.arange(16)))
+    assert torch.equal(h[0, 5:], model.embed_image_codes(codes))
     assert torch.equal(h[0, :5], model.decoder.embed_tokens(prompt))
 
     targets = torch.full_like(tokens, IGNORE)
@@ -136,39 +135,3 @@ def test_decode_sized_linear_matches_f_linear():
     layer(x).square().sum().backward()
     expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)
-
-
-def test_image_positions_give_each_grid_cell_its_embedding_on_both_paths():
-    cfg = JanusConfig.preset("tiny")
-    cfg.image_positions = True
-    model = JanusModel(cfg).eval()
-    randomize(model)
-    n = cfg.vq.num_tokens
-    # A packed row of two whole images, each after its prompt: both count their cells from 0.
-    prompt = torch.tensor([0, 20, 21, 4])
-    codes = torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(3))
-    tokens = torch.cat([prompt, codes[0], prompt, codes[1]])[None]
-    code_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    code_mask[0, 4 : 4 + n] = code_mask[0, 8 + n :] = True
-    with torch.no_grad():
-        h = model.embed(tokens, code_mask=code_mask)[0, code_mask[0]].view(2, n, -1)
-        assert torch.allclose(h, model.gen_adaptor(model.gen_embed(codes)) + model.gen_positions)
-        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-        plain = model.und_adaptor(model.vision.forward_features(pixels))
-        assert torch.allclose(model.encode_images(pixels), plain + model.und_positions)
-        assert model.und_positions.abs().min() > 0 and model.gen_positions.abs().min() > 0
-
-
-def test_image_positions_save_natively_and_refuse_the_reference_layouts(tmp_path):
-    cfg = JanusConfig.preset("tiny")
-    cfg.image_positions = True
-    model = JanusModel(cfg)
-    randomize(model)
-    loaded = load_model(save_model(model, tmp_path / "native"), "cpu", "float32")
-    assert loaded.cfg.image_positions and torch.equal(loaded.gen_positions, model.gen_positions)
-    for layout in ("official", "transformers"):
-        with pytest.raises(ConfigError, match=f"image_positions is a native extension: the {layout} layout"):
-            save_model(model, tmp_path / layout, layout, image_token_id=3)
-        assert not (tmp_path / layout).exists()
-    with pytest.raises(ConfigError, match="image_positions must be true or false, got 'yes'"):
-        JanusConfig.from_dict({"image_positions": "yes"})

@@ -9,12 +9,9 @@ import torch
 from PIL import Image
 
 import janus
-from janus.checkpoint import CheckpointError, load_model
-from janus.models.config import ConfigError
-from janus.processing import generation_prompt
+from janus.checkpoint import CheckpointError
 from janus.sampling import Sampling, generate_image_codes, sample
 from janus.testing import cache_buffers, save_tiny_checkpoint, steer_eos
-from janus.train.assemble import add_image_positions
 
 
 @pytest.fixture(scope="module")
@@ -239,36 +236,6 @@ def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path
     assert cache_buffers(compiled) == buffers
     assert torch.equal(chunked, eager.generate_image_tokens(["a red circle", "a star", "a cross"], temperature=0))
     assert not eager.model.decoder.caches  # without compilation no cache outlives its call
-
-
-def test_image_positions_cached_greedy_codes_equal_a_full_forward(tmp_path):
-    """The sampler feeds each code with its grid cell: the cached step agrees with a whole-sequence pass,
-    and the positions change the result."""
-    path = save_tiny_checkpoint(tmp_path / "tiny", image_positions=True)
-    pipe = janus.load(path, device="cpu", dtype="float32")
-    codes = pipe.generate_image_tokens("a red circle", temperature=0, cfg_weight=1)[0]
-    prompt = pipe.tokenizer.encode(generation_prompt("a red circle", pipe.cfg.roles))
-    tokens = torch.tensor([prompt + codes.tolist()])
-    code_mask = torch.arange(tokens.shape[1])[None] >= len(prompt)
-    with torch.no_grad():
-        hidden = pipe.model(tokens, code_mask=code_mask)
-    assert torch.equal(pipe.model.image_logits(hidden[0, len(prompt) - 1 : -1]).argmax(-1), codes)
-    with torch.no_grad():
-        pipe.model.gen_positions.zero_()
-    assert not torch.equal(pipe.generate_image_tokens("a red circle", temperature=0, cfg_weight=1)[0], codes)
-
-
-def test_adding_image_positions_keeps_what_the_model_computes(tmp_path):
-    src = save_tiny_checkpoint(tmp_path / "src")
-    out = load_model(add_image_positions(src, tmp_path / "out"), "cpu", "float32")
-    before = janus.load(src, device="cpu", dtype="float32")
-    assert out.cfg.image_positions and not out.gen_positions.any() and not out.und_positions.any()
-    after = janus.Janus(out, before.tokenizer)
-    assert torch.equal(after.generate_image_tokens("a star", n=2, seed=1), before.generate_image_tokens("a star", n=2, seed=1))
-    image = before.generate_image("a star", seed=2)[0]
-    assert after.chat("What is it?", images=[image], temperature=0) == before.chat("What is it?", images=[image], temperature=0)
-    with pytest.raises(ConfigError, match="already has image positions"):
-        add_image_positions(tmp_path / "out", tmp_path / "again")
 
 
 def test_a_checkpoints_guidance_scale_is_its_default_cfg_weight(tmp_path):

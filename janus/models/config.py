@@ -126,14 +126,8 @@ class JanusConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     roles: tuple[str, str] = PRO_ROLES
-    # Learned grid-position embeddings added to both visual paths' decoder inputs: a native extension
-    # (the official and transformers layouts have no place for them). A small decoder recovers an
-    # image token's grid cell poorly from 1-D RoPE offsets alone (docs/default_model.md).
-    image_positions: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image_positions, bool):
-            raise ConfigError(f"image_positions must be true or false, got {self.image_positions!r}")
         self.vq.channel_mult = tuple(self.vq.channel_mult)
         self.roles = tuple(self.roles)
         self.decoder.validate()
@@ -149,7 +143,7 @@ class JanusConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JanusConfig":
-        known = {"decoder", "vision", "vq", "roles", "image_positions"}
+        known = {"decoder", "vision", "vq", "roles"}
         unknown = set(d) - known - {"model_type"}
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
@@ -159,7 +153,6 @@ class JanusConfig:
                 vision=VisionConfig(**d.get("vision", {})),
                 vq=VQConfig(**d.get("vq", {})),
                 roles=tuple(d.get("roles", PRO_ROLES)),
-                image_positions=d.get("image_positions", False),
             )
         except TypeError as e:  # unknown field inside a section
             raise ConfigError(f"bad config field: {e}") from None
@@ -218,12 +211,7 @@ class JanusConfig:
         _check_official_heads(d, decoder, vision, vq)
         return cls(decoder=decoder, vision=vision, vq=vq, roles=tuple(d.get("janus_roles", PRO_ROLES)))
 
-    def _check_reference_layout(self, layout: str) -> None:
-        if self.image_positions:
-            raise ConfigError(f"image_positions is a native extension: the {layout} layout cannot hold it")
-
     def to_official(self) -> dict[str, Any]:
-        self._check_reference_layout("official")
         dec, vis, vq = self.decoder, self.vision, self.vq
 
         def mlp(name: str, input_dim: int) -> dict[str, Any]:
@@ -333,7 +321,6 @@ class JanusConfig:
         return cls(decoder=decoder, vision=vision, vq=vqc, roles=tuple(d.get("janus_roles", PRO_ROLES)))
 
     def to_transformers(self, image_token_id: int) -> dict[str, Any]:
-        self._check_reference_layout("transformers")
         dec, vis, vq = self.decoder, self.vision, self.vq
         if vq.grid_size != vis.image_size // vis.patch_size:
             raise ConfigError(

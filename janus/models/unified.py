@@ -42,22 +42,18 @@ class JanusModel(nn.Module):
         self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_dim)
         self.gen_adaptor = MLPAdaptor(cfg.vq.codebook_dim, dim, dim)
         self.gen_head = MLPAdaptor(dim, dim, cfg.vq.codebook_size)
-        if cfg.image_positions:  # zero at first, so adding them to a trained model changes nothing yet
-            self.und_positions = nn.Parameter(torch.zeros(cfg.vision.num_patches, dim))
-            self.gen_positions = nn.Parameter(torch.zeros(cfg.vq.num_tokens, dim))
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Understanding inputs [N, num_patches, D] for preprocessed images [N, 3, S, S]."""
         expected = (3, self.cfg.vision.image_size, self.cfg.vision.image_size)
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"understanding images must have shape [N, {', '.join(map(str, expected))}], got {list(pixels.shape)}")
-        features = self.und_adaptor(self.vision.forward_features(pixels.to(self.und_adaptor.fc1.weight.dtype)))
-        return features + self.und_positions if self.cfg.image_positions else features
+        features = self.vision.forward_features(pixels.to(self.und_adaptor.fc1.weight.dtype))
+        return self.und_adaptor(features)
 
-    def embed_image_codes(self, codes: Tensor, index: Tensor) -> Tensor:
-        """Decoder inputs [..., D] for VQ codes (any shape) at grid cells `index` (broadcast to codes)."""
-        h = self.gen_adaptor(self.gen_embed(codes))
-        return h + self.gen_positions[index] if self.cfg.image_positions else h
+    def embed_image_codes(self, codes: Tensor) -> Tensor:
+        """Decoder inputs for VQ codes (any shape) -> [..., D]."""
+        return self.gen_adaptor(self.gen_embed(codes))
 
     def embed(
         self,
@@ -69,15 +65,12 @@ class JanusModel(nn.Module):
         """Input embeddings [B, T, D] for a mixed sequence.
 
         tokens: [B, T] text ids, and VQ codes where `code_mask` is True. image_mask: [B, T] True at the
-        understanding placeholders, filled in order with the features of `pixels` [N, 3, S, S]. Each
-        row's codes are whole images, one after another, so the n-th code of a row is at grid cell
-        n mod num_tokens.
+        understanding placeholders, filled in order with the features of `pixels` [N, 3, S, S].
         """
         text = tokens if code_mask is None else tokens.masked_fill(code_mask, 0)
         h = self.decoder.embed_tokens(text)
         if code_mask is not None and code_mask.any():
-            cell = (code_mask.cumsum(1) - 1) % self.cfg.vq.num_tokens
-            h[code_mask] = self.embed_image_codes(tokens[code_mask], cell[code_mask]).to(h.dtype)
+            h[code_mask] = self.embed_image_codes(tokens[code_mask]).to(h.dtype)
         if pixels is not None:
             features = self.encode_images(pixels)
             n_slots = 0 if image_mask is None else int(image_mask.sum())

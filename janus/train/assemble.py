@@ -1,5 +1,5 @@
 """A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer;
-refitting a trained model with a pretrained understanding encoder; adding image positions to one.
+and refitting a trained model with a pretrained understanding encoder.
 
 This is the "stage 0 export" that stage 1 starts from when no pretrained checkpoint is used, as for
 the built-in default model (stages/build_default_model.py).
@@ -7,7 +7,6 @@ the built-in default model (stages/build_default_model.py).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -62,17 +61,4 @@ def refit_encoder(src: str | Path, vit_weights: str | Path, out: str | Path) -> 
     stage-0 `vit.safetensors`); the adaptor then needs realigning (a stage-1 run) before use."""
     model = load_model(src, "cpu")
     load_encoder(model, vit_weights)
-    return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)
-
-
-def add_image_positions(src: str | Path, out: str | Path) -> Path:
-    """Write the checkpoint `src` to `out` with grid-position embeddings on both visual paths
-    (`JanusConfig.image_positions`). They start at zero, so the new model computes what `src` did
-    until training moves them."""
-    old = load_model(src, "cpu")
-    if old.cfg.image_positions:
-        raise ConfigError(f"{src} already has image positions")
-    model = JanusModel(dataclasses.replace(old.cfg, image_positions=True))
-    missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
-    assert set(missing) == {"und_positions", "gen_positions"} and not unexpected, (missing, unexpected)
     return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)

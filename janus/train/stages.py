@@ -34,6 +34,4 @@ def apply_stage(model: JanusModel, stage: int) -> list[str]:
         raise ValueError(f"model has no modules {sorted(set(trains) - names)}")
     for name, module in model.named_children():
         module.requires_grad_(name in trains)
-    for param in model.parameters(recurse=False):  # the image positions: adaptor inputs, trained with them
-        param.requires_grad_(True)
     return list(trains)
