@@ -11,8 +11,11 @@
 7. phase 2 (configs/default/refit.yaml): the understanding encoder pretrained on each patch's shape and
    colour (stage 0, configs/default/vit.yaml) replaces the model's own, which stages 1-2 kept random
    and frozen; a stage-1 run realigns the adaptors to it, and stage 3 continues on 60,000 more scenes
-8. `janus eval shapes` on the result
-9. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+8. phase 3: stage 3 continues twice more, each time with a fresh warm-up and decay and 60,000 more
+   scenes (configs/default/extend.yaml, then configs/default/extend2.yaml)
+9. the model's guidance weight (GUIDANCE_SCALE) goes to its generation_config.json
+10. `janus eval shapes` on the result, at that weight
+11. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -30,7 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
-MORE_SCENES = 60_000  # phase 2's new scenes (another seed)
+MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2 and both steps of phase 3
+# CFG 5 over-sharpens this small model; 2 measured best (docs/default_model.md, "Guidance weight").
+GUIDANCE_SCALE = 2.0
 TOKENIZER_VOCAB = 512
 STAGE_SCRIPTS = {1: "stage1_adaptors.py", 2: "stage2_pretrain.py", 3: "stage3_sft.py"}
 
@@ -104,16 +109,28 @@ def main() -> None:
     vit = root / "vit"
     step("stage0_vit", vit / "vit.safetensors", lambda: run(sys.executable, "stages/stage0_vit.py", "--config", "configs/default/vit.yaml", "--set", f"out={vit}",
                                                             "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
-    more = root / "data_more"
-    step("data_more", more / "train" / "scenes.jsonl", lambda: write_dataset(more, MORE_SCENES, seed=1, resolution=64, splits={"train": 1.0}))
-    step("tokenize_more", root / "codes_more", lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(more / "train" / "generation.jsonl"),
-                                                           "--model", str(stage0), "--out", str(root / "codes_more")))
+
+    def new_scenes(name: str, codes_dir: str, seed: int) -> None:
+        """MORE_SCENES training scenes in root/name and their generation images' codes in root/codes_dir."""
+        out = root / name
+        step(name, out / "train" / "scenes.jsonl", lambda: write_dataset(out, MORE_SCENES, seed=seed, resolution=64, splits={"train": 1.0}))
+        step(f"tokenize_{name}", root / codes_dir, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(out / "train" / "generation.jsonl"),
+                                                               "--model", str(stage0), "--out", str(root / codes_dir)))
+
+    new_scenes("data_more", "codes_more", seed=1)
     refit = root / "refit"
     step("refit_encoder", refit / "stage0" / "export", lambda: refit_encoder(root / "stage3" / "export", vit / "vit.safetensors", refit / "stage0" / "export"))
     for stage in (1, 3):
         step(f"refit_stage{stage}", refit / f"stage{stage}" / "export",
              lambda stage=stage: run(sys.executable, f"stages/{STAGE_SCRIPTS[stage]}", "--config", "configs/default/refit.yaml", "--resume", "--set", f"root={refit}"))
-    final = refit / "stage3" / "export"
+    # Phase 3.
+    for name, seed in (("extend", 2), ("extend2", 3)):
+        new_scenes(name.replace("extend", "data_extra"), name.replace("extend", "codes_extra"), seed=seed)
+        step(name, root / name / "stage3" / "export",
+             lambda name=name: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
+    final = root / "extend2" / "stage3" / "export"
+    step("guidance", final / "generation_config.json",
+         lambda: (final / "generation_config.json").write_text(json.dumps({"guidance_scale": GUIDANCE_SCALE}, indent=2) + "\n"))
     step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))
     if args.install:
         from janus.pipeline import DEFAULT_MODEL_DIR
