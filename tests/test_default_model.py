@@ -50,8 +50,8 @@ def test_shipped_model_is_small_and_loads_without_a_path():
     assert model.cfg.vq.image_size == 64
 
 
-# The shipped model is far from the targets (docs/default_model.md: generation 0.43, VQA 0.68
-# at full size); these thresholds sit below what it measures and far above an untrained model's ~0,
+# The shipped model is far from the targets (docs/default_model.md: generation 0.66 at its
+# default guidance weight 2, VQA 0.74 at full size); these thresholds sit below what it measures and far above an untrained model's ~0,
 # so they catch a broken or replaced model, a sampler or a preprocessing regression.
 
 
@@ -61,16 +61,16 @@ def test_shipped_model_draws_what_the_prompt_says():
     prompt = Description("color_attr", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")))
     images = model.generate_image(prompt.text(), n=16, seed=0)
     correct = sum(not failed_clauses(prompt, detect(image)) for image in images)
-    assert correct >= 4, correct  # 11 of 16 measured
+    assert correct >= 4, correct  # 9 of 16 measured
 
 
 @shipped
 def test_shipped_model_short_eval_run():
     model = janus.load(None, device="cpu")
     generation = evaluate_generation(model, per_category=4, k=2, seed=7)
-    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.48 measured
+    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.65 measured
     understanding = evaluate_understanding(model, per_type=8, seed=7)
-    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.65 measured
+    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.69 measured
 
 
 @shipped
@@ -81,4 +81,4 @@ def test_shipped_model_counts_the_objects_in_a_scene():
         scene = sample_scene(scene_rng(seed=11, stream="test-default", index=index))
         answer = model.chat("How many objects are there?", images=[render(scene, 64)], max_new_tokens=4)
         correct += answer.strip() == COUNT_WORDS[len(scene.objects)]
-    assert correct >= 14, correct  # 20 of 20 measured
+    assert correct >= 14, correct  # 19 of 20 measured
