@@ -124,8 +124,8 @@ def main() -> None:
         step(f"refit_stage{stage}", refit / f"stage{stage}" / "export",
              lambda stage=stage: run(sys.executable, f"stages/{STAGE_SCRIPTS[stage]}", "--config", "configs/default/refit.yaml", "--resume", "--set", f"root={refit}"))
     # Phase 3.
-    for name, seed in (("extend", 2), ("extend2", 3)):
-        new_scenes(name.replace("extend", "data_extra"), name.replace("extend", "codes_extra"), seed=seed)
+    for name, scenes, codes_dir, seed in (("extend", "data_extra", "codes_extra", 2), ("extend2", "data_extra2", "codes_extra2", 3)):
+        new_scenes(scenes, codes_dir, seed=seed)
         step(name, root / name / "stage3" / "export",
              lambda name=name: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
     final = root / "extend2" / "stage3" / "export"
