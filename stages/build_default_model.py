@@ -13,9 +13,11 @@
    and frozen; a stage-1 run realigns the adaptors to it, and stage 3 continues on 60,000 more scenes
 8. phase 3: stage 3 continues twice more, each time with a fresh warm-up and decay and 60,000 more
    scenes (configs/default/extend.yaml, then configs/default/extend2.yaml)
-9. the model's guidance weight (GUIDANCE_SCALE) goes to its generation_config.json
-10. `janus eval shapes` on the result, at that weight
-11. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+9. phase 4: stage 3 continues once more on 60,000 more scenes, with each scene's questions asked in
+   one multi-turn conversation (configs/default/extend3.yaml)
+10. the model's guidance weight (GUIDANCE_SCALE) goes to its generation_config.json
+11. `janus eval shapes` on the result, at that weight
+12. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -33,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
-MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2 and both steps of phase 3
+MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phase 4
 # CFG 5 over-sharpens this small model; 2 measured best (docs/default_model.md, "Guidance weight").
 GUIDANCE_SCALE = 2.0
 TOKENIZER_VOCAB = 512
@@ -83,7 +85,7 @@ def main() -> None:
         timings[name] = round(time.perf_counter() - started, 1)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
-    from janus.data.shapes import write_dataset
+    from janus.data.shapes import merge_conversations, write_dataset
     from janus.models.config import JanusConfig
     from janus.processing.tokenizer import train_sentencepiece
     from janus.train.assemble import assemble_model, refit_encoder
@@ -117,6 +119,11 @@ def main() -> None:
         step(f"tokenize_{name}", root / codes_dir, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(out / "train" / "generation.jsonl"),
                                                                "--model", str(stage0), "--out", str(root / codes_dir)))
 
+    def continue_stage3(name: str) -> None:
+        """Stage 3 run by configs/default/{name}.yaml in root/name."""
+        step(name, root / name / "stage3" / "export",
+             lambda: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
+
     new_scenes("data_more", "codes_more", seed=1)
     refit = root / "refit"
     step("refit_encoder", refit / "stage0" / "export", lambda: refit_encoder(root / "stage3" / "export", vit / "vit.safetensors", refit / "stage0" / "export"))
@@ -126,9 +133,15 @@ def main() -> None:
     # Phase 3.
     for name, scenes, codes_dir, seed in (("extend", "data_extra", "codes_extra", 2), ("extend2", "data_extra2", "codes_extra2", 3)):
         new_scenes(scenes, codes_dir, seed=seed)
-        step(name, root / name / "stage3" / "export",
-             lambda name=name: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
-    final = root / "extend2" / "stage3" / "export"
+        continue_stage3(name)
+    # Phase 4.
+    new_scenes("data_extra3", "codes_extra3", seed=4)
+    for name in ("data", "data_more", "data_extra", "data_extra2", "data_extra3"):
+        split = root / name / "train"
+        step(f"conversations_{name}", split / "conversations.jsonl",
+             lambda split=split: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
+    continue_stage3("extend3")
+    final = root / "extend3" / "stage3" / "export"
     step("guidance", final / "generation_config.json",
          lambda: (final / "generation_config.json").write_text(json.dumps({"guidance_scale": GUIDANCE_SCALE}, indent=2) + "\n"))
     step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))

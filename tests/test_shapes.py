@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from janus.data import read_records
+from janus.processing.tokenizer import IMAGE_TOKEN
 from janus.data.shapes import (
     BACKGROUND,
     COUNT_WORDS,
@@ -25,6 +26,7 @@ from janus.data.shapes import (
     caption,
     failed_clauses,
     has_heldout_pair,
+    merge_conversations,
     plural,
     region,
     relation,
@@ -77,6 +79,28 @@ def test_dataset_files_load_as_training_records(tmp_path):
         for split in ("train", "heldout")
     )
     assert not train & heldout
+
+
+def test_merged_conversations_keep_every_question_in_order_with_the_image_once(tmp_path):
+    manifests = write_dataset(tmp_path, 20, seed=3, resolution=32, splits={"train": 1.0})
+    singles = [json.loads(line) for line in manifests["train"]["understanding"].read_text().splitlines()]
+    merged_path = tmp_path / "train" / "conversations.jsonl"  # image paths are relative to the manifest
+    assert merge_conversations(manifests["train"]["understanding"], merged_path) == 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped record warns
+        merged = list(read_records(merged_path, Counter()))
+    assert [r.data["images"] for r in merged] == [[f"images/{i:06d}.png"] for i in range(20)]
+    for record in merged:
+        own = [s["conversation"] for s in singles if s["images"] == record.data["images"]]
+        turns = record.data["conversation"]
+        assert len(own) >= 3 and len(turns) == 2 * len(own)
+        assert [t["content"] for t in turns] == [own[0][0]["content"], own[0][1]["content"]] + [
+            t["content"].removeprefix(f"{IMAGE_TOKEN}\n") for conversation in own[1:] for t in conversation
+        ]
+        assert sum(t["content"].count(IMAGE_TOKEN) for t in turns) == 1
+        assert turns[0]["content"].startswith(f"{IMAGE_TOKEN}\n")
+        assert [t["role"] for t in turns] == ["user", "assistant"] * len(own)
+
 
 
 def test_training_scenes_hold_no_heldout_pair():

@@ -58,6 +58,17 @@ def changed(before: dict, after: dict, prefix: str) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in keys)
 
 
+def assert_export_holds_masters_and_frozen_encoders(root) -> None:
+    """A bf16 stage-2 run's export: the frozen encoders exactly as loaded, and the trained decoder's fp32
+    masters (some of their values are not representable in bf16), not the bf16 copy."""
+    before, after = weights(root / "stage0" / "export"), weights(root / "stage2" / "export")
+    for prefix in ("vision.", "vq."):
+        assert not changed(before, after, prefix), f"frozen {prefix} was rounded to bf16"
+    assert changed(before, after, "decoder.")
+    trained = [v for k, v in after.items() if k.startswith("decoder.")]
+    assert any((v != v.bfloat16().float()).any() for v in trained), "the export holds the bf16 copy, not the masters"
+
+
 def test_three_stages_chain_through_the_deepspeed_launcher(tmp_path):
     root = make_tiny_run(tmp_path / "run")
     frozen_by_stage = {1: ("vision.", "decoder.", "vq."), 2: ("vision.", "vq."), 3: ("vq.",)}
@@ -202,12 +213,7 @@ def test_bf16_training_exports_fp32_masters_and_frozen_weights_untouched(tmp_pat
     root = make_tiny_run(tmp_path / "run")
     run(command(2, root, "init_from={root}/stage0/export", "train.steps=4", "checkpoint.every=1000",
                 "deepspeed.bf16.enabled=true", f"deepspeed.zero_optimization.stage={zero}"))
-    before, after = weights(root / "stage0" / "export"), weights(root / "stage2" / "export")
-    for prefix in ("vision.", "vq."):
-        assert not changed(before, after, prefix), f"frozen {prefix} was rounded to bf16"
-    assert changed(before, after, "decoder.")
-    trained = [v for k, v in after.items() if k.startswith("decoder.")]
-    assert any((v != v.bfloat16().float()).any() for v in trained), "the export holds the bf16 copy, not the masters"
+    assert_export_holds_masters_and_frozen_encoders(root)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -220,9 +226,7 @@ def test_stage2_trains_on_cuda_in_bf16_with_an_mfu_estimate(tmp_path):
     record = losses(root / "stage2")
     assert record[30]["loss"] < 0.7 * record[1]["loss"], (record[1]["loss"], record[30]["loss"])
     assert record[30]["mfu"] is not None and record[30]["mfu"] > 0
-    before, after = weights(root / "stage0" / "export"), weights(root / "stage2" / "export")
-    assert not changed(before, after, "vision.") and not changed(before, after, "vq.")
-    assert any((v != v.bfloat16().float()).any() for k, v in after.items() if k.startswith("decoder."))
+    assert_export_holds_masters_and_frozen_encoders(root)
 
 
 def test_stage_freezing_policy():

@@ -21,6 +21,8 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw
 
+from janus.processing.tokenizer import IMAGE_TOKEN
+
 # Saturated colours at least 120 apart in RGB and from the background, chosen so that every blend of a
 # colour with the background that is nearer the colour than the background is also nearer it than any
 # other palette colour: an anti-aliased edge never looks like another colour.
@@ -564,7 +566,7 @@ def write_dataset(
             render(scene, resolution).save(directory / name)
             for qa in scene_questions(scene, rng, questions_per_scene):
                 conversation = [
-                    {"role": "user", "content": f"<image_placeholder>\n{qa.question}"},
+                    {"role": "user", "content": f"{IMAGE_TOKEN}\n{qa.question}"},
                     {"role": "assistant", "content": qa.answer},
                 ]
                 lines["understanding"].append(_json({"kind": "understanding", "images": [name], "conversation": conversation}))
@@ -577,6 +579,27 @@ def write_dataset(
             path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
             manifests[split][kind] = path
     return manifests
+
+
+def merge_conversations(src: str | Path, dst: str | Path) -> int:
+    """Write `src`'s understanding records (one question each, as `write_dataset` writes them) to `dst`
+    as one multi-turn conversation per image, its questions in file order; return how many.
+
+    The image's tokens then come once for all of its questions, so a training step of the same length
+    carries about three times as many answers (docs/default_model.md, "Conversations").
+    """
+    conversations: dict[tuple[str, ...], list[dict]] = {}
+    with open(src, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            images, turns = tuple(record["images"]), record["conversation"]
+            if images in conversations:  # the image goes with the first question only
+                question = turns[0]["content"].replace(f"{IMAGE_TOKEN}\n", "", len(images))
+                turns = [{**turns[0], "content": question}, *turns[1:]]
+            conversations.setdefault(images, []).extend(turns)
+    lines = [_json({"kind": "understanding", "images": list(images), "conversation": turns}) for images, turns in conversations.items()]
+    Path(dst).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
 
 
 def _json(record: dict) -> str:
