@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .pipeline import ChatStream
 
 CFG_HELP = "classifier-free guidance weight (default: the checkpoint's guidance_scale in generation_config.json, else 5)"
+TEMPERATURE_HELP = "image sampling temperature, 0 greedy (default: the checkpoint's temperature in generation_config.json, else 1)"
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -100,7 +101,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from .eval.shapes_eval import EVAL_SEED, evaluate, format_report
 
     seed = EVAL_SEED if args.seed is None else args.seed
-    results = evaluate(_load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True, cfg_weight=args.cfg)
+    results = evaluate(_load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True, cfg_weight=args.cfg, temperature=args.temperature)
     results["settings"]["model"] = args.model
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=4, help="images to generate (default 4)")
     g.add_argument("-o", "--output", default="out", help="output directory (default ./out)")
     g.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: as many as fit)")
     model_options(g)
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--k", type=int, default=4, help="images per generation prompt (default 4)")
     shapes.add_argument("--per-category", type=int, default=50, help="prompts / questions per category (default 50)")
     shapes.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
+    shapes.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
     shapes.set_defaults(func=cmd_eval_shapes)

@@ -17,12 +17,13 @@ from .models.unified import JanusModel
 from .processing.chat import DEFAULT_SYSTEM_PROMPT, expand_image_tokens, generation_prompt, render_chat
 from .processing.image import load_image, preprocess_understanding, to_pil
 from .processing.tokenizer import IMAGE_TOKEN, StreamDecoder, Tokenizer
-from .sampling import DEFAULT_CFG_WEIGHT, Sampling, generate_image_codes, generate_text, image_step
+from .sampling import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE, Sampling, generate_image_codes, generate_text, image_step
 
 ImageInput = str | Path | Image.Image
 # The built-in default model ships inside the package (docs/default_model.md).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-# Sampling defaults of a checkpoint, as transformers keeps them; its `guidance_scale` is the CFG weight.
+# Sampling defaults of a checkpoint, as transformers keeps them: `guidance_scale` (the CFG weight) and
+# `temperature` of image generation.
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -68,10 +69,16 @@ class ChatStream(Iterator[str]):
 class Janus:
     """A loaded model with its tokenizer: text-to-image generation and multimodal chat.
 
-    `default_cfg_weight` is the guidance weight of calls that name none."""
+    `default_cfg_weight` and `default_temperature` are the image generation settings of calls that name
+    none."""
 
     def __init__(
-        self, model: JanusModel, tokenizer: Tokenizer, compile: bool | None = None, default_cfg_weight: float = DEFAULT_CFG_WEIGHT
+        self,
+        model: JanusModel,
+        tokenizer: Tokenizer,
+        compile: bool | None = None,
+        default_cfg_weight: float = DEFAULT_CFG_WEIGHT,
+        default_temperature: float = DEFAULT_TEMPERATURE,
     ):
         if tokenizer.vocab_size > model.cfg.decoder.vocab_size:
             raise CheckpointError(
@@ -81,6 +88,7 @@ class Janus:
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.default_cfg_weight = default_cfg_weight
+        self.default_temperature = default_temperature
         self.device = model.decoder.embed_tokens.weight.device
         # On CUDA the one-token step is compiled and captured as a CUDA graph; it then reads the whole
         # cache each step so its shapes never change.
@@ -94,7 +102,7 @@ class Janus:
         prompt: str | Sequence[str],
         n: int = 1,
         cfg_weight: float | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
@@ -103,8 +111,8 @@ class Janus:
     ) -> torch.Tensor:
         """VQ codes [len(prompts) * n, num_image_tokens], n per prompt in prompt order.
 
-        `cfg_weight` None means `default_cfg_weight`. `batch_size` caps how many images run at once
-        (default: as many as fit in memory).
+        `cfg_weight` and `temperature` None mean `default_cfg_weight` and `default_temperature`.
+        `batch_size` caps how many images run at once (default: as many as fit in memory).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -114,7 +122,7 @@ class Janus:
         cfg_weight = self.default_cfg_weight if cfg_weight is None else cfg_weight
         if not cfg_weight >= 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
-        sampling = Sampling(temperature, top_k, top_p)
+        sampling = Sampling(self.default_temperature if temperature is None else temperature, top_k, top_p)
         sampling.validate()
         rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n)]
         longest = max(map(len, rows)) + self.cfg.vq.num_tokens
@@ -251,8 +259,8 @@ def load(
     `path=None` loads the built-in default model. device/dtype "auto": CUDA and bfloat16 when a GPU
     is present, else CPU and float32. `compile` compiles the image-token step with torch.compile
     (default: on CUDA only; on CPU it needs a C++ compiler and pays a one-off compile per shape).
-    The guidance weight of calls that name none is the checkpoint's `guidance_scale` in
-    generation_config.json when it has one, else 5.
+    The guidance weight and temperature of image generation calls that name none are the checkpoint's
+    `guidance_scale` and `temperature` in generation_config.json when it has them, else 5 and 1.
     """
     if path is None:
         path = DEFAULT_MODEL_DIR
@@ -266,27 +274,32 @@ def load(
         tokenizer = Tokenizer.from_dir(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
-    return Janus(model, tokenizer, compile, read_guidance_scale(path))
+    cfg_weight, temperature = read_image_defaults(path)
+    return Janus(model, tokenizer, compile, cfg_weight, temperature)
 
 
-def read_guidance_scale(path: str | Path) -> float:
-    """The CFG weight a checkpoint directory asks for: `guidance_scale` in its generation_config.json,
-    else the Janus default."""
+def read_image_defaults(path: str | Path) -> tuple[float, float]:
+    """The CFG weight and temperature a checkpoint directory asks image generation to use: its
+    generation_config.json's `guidance_scale` and `temperature`, else the Janus defaults."""
     file = Path(path) / GENERATION_CONFIG
     if not file.is_file():
-        return DEFAULT_CFG_WEIGHT
+        return DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
     try:
         settings = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{file} must hold a JSON object")
-    value = settings.get("guidance_scale")
-    if value is None:
-        return DEFAULT_CFG_WEIGHT
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise CheckpointError(f"{file}: guidance_scale must be a number >= 0, got {value!r}")
-    return float(value)
+
+    def setting(key: str, default: float) -> float:
+        value = settings.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+            raise CheckpointError(f"{file}: {key} must be a number >= 0, got {value!r}")
+        return float(value)
+
+    return setting("guidance_scale", DEFAULT_CFG_WEIGHT), setting("temperature", DEFAULT_TEMPERATURE)
 
 
 _default: Janus | None = None

@@ -17,7 +17,9 @@ from torch import Tensor
 from .models.attention import padded_causal_mask
 from .models.unified import JanusModel
 
-DEFAULT_CFG_WEIGHT = 5.0  # Janus's guidance weight; a checkpoint may name its own (generation_config.json)
+# Janus's image sampling settings; a checkpoint may name its own (generation_config.json).
+DEFAULT_CFG_WEIGHT = 5.0
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)

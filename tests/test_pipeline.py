@@ -238,15 +238,17 @@ def test_chat_keeps_the_compiled_image_steps_cache_buffers(monkeypatch, tmp_path
     assert not eager.model.decoder.caches  # without compilation no cache outlives its call
 
 
-def test_a_checkpoints_guidance_scale_is_its_default_cfg_weight(tmp_path):
+def test_a_checkpoints_guidance_scale_and_temperature_are_its_image_defaults(tmp_path):
     path = save_tiny_checkpoint(tmp_path / "tiny")
-    assert janus.load(path, device="cpu", dtype="float32").default_cfg_weight == 5.0
-    (path / "generation_config.json").write_text('{"guidance_scale": 2.0, "temperature": 1.0}')
     pipe = janus.load(path, device="cpu", dtype="float32")
-    assert pipe.default_cfg_weight == 2.0
+    assert (pipe.default_cfg_weight, pipe.default_temperature) == (5.0, 1.0)
+    (path / "generation_config.json").write_text('{"guidance_scale": 2.0, "temperature": 0.5, "top_k": 4096}')
+    pipe = janus.load(path, device="cpu", dtype="float32")
+    assert (pipe.default_cfg_weight, pipe.default_temperature) == (2.0, 0.5)
     codes = pipe.generate_image_tokens("a red circle", n=2, seed=0)
-    assert torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, cfg_weight=2.0))
+    assert torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, cfg_weight=2.0, temperature=0.5))
     assert not torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, cfg_weight=5.0))
+    assert not torch.equal(codes, pipe.generate_image_tokens("a red circle", n=2, seed=0, temperature=1.0))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -254,6 +256,7 @@ def test_a_checkpoints_guidance_scale_is_its_default_cfg_weight(tmp_path):
     ("[2]", "generation_config.json must hold a JSON object"),
     ('{"guidance_scale": -1}', "guidance_scale must be a number >= 0, got -1"),
     ('{"guidance_scale": "high"}', "guidance_scale must be a number >= 0, got 'high'"),
+    ('{"temperature": true}', "temperature must be a number >= 0, got True"),
 ])
 def test_a_bad_generation_config_is_a_clear_error(tmp_path, text, message):
     path = save_tiny_checkpoint(tmp_path / "tiny")

@@ -301,9 +301,11 @@ def test_request_bodies_over_the_limit_are_413_and_the_server_still_serves(clien
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
 
 
-def test_images_without_cfg_use_the_models_default_weight(client, model, monkeypatch):
+def test_images_without_cfg_or_temperature_use_the_models_defaults(client, model, monkeypatch):
     monkeypatch.setattr(model, "default_cfg_weight", 2.0)
+    monkeypatch.setattr(model, "default_temperature", 0.5)
     body = {"prompt": "a red circle", "seed": 3, "response_format": "b64_json"}
     served = png(client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"])
-    assert served.tobytes() == model.generate_image("a red circle", seed=3, cfg_weight=2.0)[0].tobytes()
-    assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=5.0)[0].tobytes()
+    assert served.tobytes() == model.generate_image("a red circle", seed=3, cfg_weight=2.0, temperature=0.5)[0].tobytes()
+    assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=5.0, temperature=0.5)[0].tobytes()
+    assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=2.0, temperature=1.0)[0].tobytes()

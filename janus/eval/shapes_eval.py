@@ -82,12 +82,14 @@ def heldout_prompts(category: str, n: int, seed: int = EVAL_SEED) -> list[Descri
 # ---------------------------------------------------------------- generation
 
 
-def evaluate_generation(model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None) -> dict:
+def evaluate_generation(
+    model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None
+) -> dict:
     """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds."""
     categories = {}
     for index, category in enumerate(GEN_CATEGORIES):
         prompts = heldout_prompts(category, per_category, seed)
-        images = model.generate_image([p.text() for p in prompts], n=k, cfg_weight=cfg_weight, seed=seed + index)
+        images = model.generate_image([p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index)
         failures: Counter = Counter()
         per_prompt = []
         for i, prompt in enumerate(prompts):
@@ -213,9 +215,16 @@ def caption_perplexity(model: Janus, n_captions: int, seed: int = EVAL_SEED) -> 
 
 
 def evaluate(
-    model: Janus, per_category: int = 50, k: int = 4, seed: int = EVAL_SEED, progress: bool = False, cfg_weight: float | None = None
+    model: Janus,
+    per_category: int = 50,
+    k: int = 4,
+    seed: int = EVAL_SEED,
+    progress: bool = False,
+    cfg_weight: float | None = None,
+    temperature: float | None = None,
 ) -> dict:
-    """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` None is the model's default.
+    """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` and `temperature` (of image
+    generation) None are the model's defaults.
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
     per POPE negative kind; the text metric uses per_category * 6 captions.
@@ -224,9 +233,11 @@ def evaluate(
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
     model.model.eval()
     cfg_weight = model.default_cfg_weight if cfg_weight is None else cfg_weight
+    temperature = model.default_temperature if temperature is None else temperature
+    settings = {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "temperature": temperature}
     return {
-        "settings": {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "understanding_resolution": model.cfg.vision.image_size},
-        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight),
+        "settings": {**settings, "understanding_resolution": model.cfg.vision.image_size},
+        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature),
         "understanding": evaluate_understanding(model, per_category, seed, progress),
         "text": caption_perplexity(model, per_category * len(GEN_CATEGORIES), seed),
     }

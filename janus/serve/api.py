@@ -95,7 +95,7 @@ class ImageRequest(_Strict):
     model: str | None = None  # accepted for OpenAI clients; this server has one model
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     cfg: float | None = Field(None, ge=0, le=MAX_CFG_WEIGHT, allow_inf_nan=False)  # None: the model's default
-    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)  # None: the model's default
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

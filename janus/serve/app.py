@@ -105,7 +105,7 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
             with gr.Row():
                 n = gr.Slider(1, 8, value=4, step=1, label="Number of images")
                 cfg_weight = gr.Slider(0, 20, value=worker.model.default_cfg_weight, step=0.5, label="CFG weight")
-                temperature = gr.Slider(0, 2, value=1, step=0.05, label="Temperature")
+                temperature = gr.Slider(0, 2, value=worker.model.default_temperature, step=0.05, label="Temperature")
                 seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(

@@ -32,7 +32,7 @@ class ImageSettings:
     """Sampling settings of an image request; only requests with equal settings share a batch."""
 
     cfg_weight: float | None = None  # None: the model's default
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the model's default
     top_k: int | None = None
     top_p: float | None = None
 
