@@ -15,8 +15,8 @@
    scenes (configs/default/extend.yaml, then configs/default/extend2.yaml)
 9. phase 4: stage 3 continues once more on 60,000 more scenes, with each scene's questions asked in
    one multi-turn conversation (configs/default/extend3.yaml)
-10. the model's guidance weight (GUIDANCE_SCALE) goes to its generation_config.json
-11. `janus eval shapes` on the result, at that weight
+10. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+11. `janus eval shapes` on the result, with those defaults
 12. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
@@ -36,8 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
 MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phase 4
-# CFG 5 over-sharpens this small model; 2 measured best (docs/default_model.md, "Guidance weight").
+# CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
+# "Sampling defaults").
 GUIDANCE_SCALE = 2.0
+TEMPERATURE = 0.7
 TOKENIZER_VOCAB = 512
 STAGE_SCRIPTS = {1: "stage1_adaptors.py", 2: "stage2_pretrain.py", 3: "stage3_sft.py"}
 
@@ -87,6 +89,7 @@ def main() -> None:
 
     from janus.data.shapes import merge_conversations, write_dataset
     from janus.models.config import JanusConfig
+    from janus.pipeline import DEFAULT_MODEL_DIR, GENERATION_CONFIG
     from janus.processing.tokenizer import train_sentencepiece
     from janus.train.assemble import assemble_model, refit_encoder
 
@@ -142,12 +145,11 @@ def main() -> None:
              lambda split=split: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
     continue_stage3("extend3")
     final = root / "extend3" / "stage3" / "export"
-    step("guidance", final / "generation_config.json",
-         lambda: (final / "generation_config.json").write_text(json.dumps({"guidance_scale": GUIDANCE_SCALE}, indent=2) + "\n"))
+    # Always written: an export inherits the generation_config.json of the checkpoint it started from.
+    defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
+    (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
     step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))
     if args.install:
-        from janus.pipeline import DEFAULT_MODEL_DIR
-
         staging = DEFAULT_MODEL_DIR.with_name(".default_model.new")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(final, staging)
