@@ -586,7 +586,7 @@ def merge_conversations(src: str | Path, dst: str | Path) -> int:
     as one multi-turn conversation per image, its questions in file order; return how many.
 
     The image's tokens then come once for all of its questions, so a training step of the same length
-    carries about three times as many answers (docs/default_model.md, "Conversations").
+    carries nearly three times as many answers (docs/default_model.md, "Conversations").
     """
     conversations: dict[tuple[str, ...], list[dict]] = {}
     with open(src, encoding="utf-8") as f:
