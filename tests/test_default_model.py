@@ -51,8 +51,9 @@ def test_shipped_model_is_small_and_loads_without_a_path():
 
 
 # The shipped model is far from the targets (docs/default_model.md: generation 0.70 at its
-# sampling defaults, guidance weight 2 and temperature 0.7, VQA 0.83 at full size); these thresholds sit below what it measures and far above an untrained model's ~0,
-# so they catch a broken or replaced model, a sampler or a preprocessing regression.
+# sampling defaults, guidance weight 2 and temperature 0.7, VQA 0.83 at full size); these thresholds
+# sit below what it measures and far above an untrained model's ~0, so they catch a broken or
+# replaced model, a sampler or a preprocessing regression.
 
 
 @shipped
