@@ -163,7 +163,7 @@ def test_questions_agree_with_the_scene():
     """Each answer recomputed independently from the question's words and the scene's objects."""
     seen = Counter()
     for i, scene in enumerate(SCENES):
-        for qa in scene_questions(scene, scene_rng(4, "questions", i), 7):
+        for qa in scene_questions(scene, scene_rng(4, "questions", i), 12, per_type=3):
             seen[qa.type, qa.negative] += 1
             q = qa.question
             if qa.type == "colour":
@@ -202,6 +202,21 @@ def test_questions_agree_with_the_scene():
     assert {n for _, n in seen} == {None, "random", "adversarial", "binding"}
     yes, no = sum(v for (t, n), v in seen.items() if t == "existence" and n is None), sum(v for (_, n), v in seen.items() if n)
     assert abs(yes - no) < 0.25 * (yes + no)  # about balanced
+
+
+def test_scene_questions_cover_the_types_first_then_repeat_them_without_repeating_a_question():
+    for i, scene in enumerate(SCENES[:200]):
+        single = scene_questions(scene, scene_rng(5, "questions", i), 12)
+        assert len({qa.type for qa in single}) == len(single)  # per_type=1: one of each type at most
+        dense = scene_questions(scene, scene_rng(5, "questions", i), 12, per_type=3)
+        types = Counter(qa.type for qa in dense)
+        assert len(dense) <= 12 and max(types.values()) <= 3
+        assert len({qa.question for qa in dense}) == len(dense)
+        # The first round is the per_type=1 draw itself; later rounds only add.
+        assert [qa.question for qa in dense[: len(single)]] == [qa.question for qa in single]
+        assert len(dense) >= len(single)
+    counts = [len(scene_questions(s, scene_rng(5, "questions", i), 12, per_type=3)) for i, s in enumerate(SCENES)]
+    assert sum(counts) / len(counts) > 8  # repeated types do give most scenes far more than seven
 
 
 def test_scene_text_mentions_every_object():

@@ -492,16 +492,25 @@ def _existence(scene: Scene, rng: random.Random, answer_yes: bool, negative: str
     return QA("existence", f"Is there {_phrase(ObjectSpec(shape, colour), 1)} in the image?", "no", kind)
 
 
-def scene_questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
-    """Up to n questions of different types (existence included, its answer yes or no at random)."""
-    kinds = list(QUESTION_TYPES)
-    rng.shuffle(kinds)
-    questions = []
-    for kind in kinds:
-        qa = question(scene, kind, rng)
-        if qa is not None:
-            questions.append(qa)
-        if len(questions) == n:
+def scene_questions(scene: Scene, rng: random.Random, n: int, per_type: int = 1) -> list[QA]:
+    """Up to n different questions, at most `per_type` of each type (existence included, its answer yes
+    or no at random). Types come in shuffled rounds, one question of each type per round, so the first
+    questions cover as many types as they can."""
+    questions: list[QA] = []
+    asked: set[str] = set()
+    for _ in range(per_type):
+        kinds = list(QUESTION_TYPES)
+        rng.shuffle(kinds)
+        added = False
+        for kind in kinds:
+            qa = question(scene, kind, rng)
+            if qa is not None and qa.question not in asked:
+                questions.append(qa)
+                asked.add(qa.question)
+                added = True
+            if len(questions) == n:
+                return questions
+        if not added:  # the scene has no further questions to give
             break
     return questions
 
@@ -544,6 +553,7 @@ def write_dataset(
     resolution: int = 384,
     splits: dict[str, float] | None = None,
     questions_per_scene: int = 4,
+    questions_per_type: int = 1,
 ) -> dict[str, dict[str, Path]]:
     """Write splits of scenes in the training data format (docs/data.md) and return their manifests.
 
@@ -564,7 +574,7 @@ def write_dataset(
             scene = sample_scene(rng, exclude_heldout=split == "train")
             name = f"images/{i:06d}.png"
             render(scene, resolution).save(directory / name)
-            for qa in scene_questions(scene, rng, questions_per_scene):
+            for qa in scene_questions(scene, rng, questions_per_scene, questions_per_type):
                 conversation = [
                     {"role": "user", "content": f"{IMAGE_TOKEN}\n{qa.question}"},
                     {"role": "assistant", "content": qa.answer},
