@@ -97,6 +97,13 @@ class Janus:
 
     # ------------------------------------------------------------ generation
 
+    def image_settings(self, cfg_weight: float | None = None, temperature: float | None = None) -> tuple[float, float]:
+        """(cfg_weight, temperature) of an image call, None meaning the model's default."""
+        return (
+            self.default_cfg_weight if cfg_weight is None else cfg_weight,
+            self.default_temperature if temperature is None else temperature,
+        )
+
     def generate_image_tokens(
         self,
         prompt: str | Sequence[str],
@@ -119,10 +126,10 @@ class Janus:
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        cfg_weight = self.default_cfg_weight if cfg_weight is None else cfg_weight
+        cfg_weight, temperature = self.image_settings(cfg_weight, temperature)
         if not cfg_weight >= 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
-        sampling = Sampling(self.default_temperature if temperature is None else temperature, top_k, top_p)
+        sampling = Sampling(temperature, top_k, top_p)
         sampling.validate()
         rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n)]
         longest = max(map(len, rows)) + self.cfg.vq.num_tokens

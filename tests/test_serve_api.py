@@ -235,7 +235,11 @@ def test_concurrent_seedless_requests_share_one_batch(client, model, monkeypatch
         return generate(prompts, **kwargs)
 
     monkeypatch.setattr(model, "generate_image", spy)
-    requests = [{"prompt": "first"}, {"prompt": "b", "n": 2}, {"prompt": "c"}, {"prompt": "seeded", "seed": 1}, {"prompt": "greedy", "temperature": 0}]
+    named_defaults = {"cfg": model.default_cfg_weight, "temperature": model.default_temperature}
+    requests = [
+        {"prompt": "first"}, {"prompt": "b", "n": 2}, {"prompt": "c"}, {"prompt": "d", **named_defaults},
+        {"prompt": "seeded", "seed": 1}, {"prompt": "greedy", "temperature": 0},
+    ]
     results = [None] * len(requests)
 
     def post(i: int) -> None:
@@ -252,9 +256,10 @@ def test_concurrent_seedless_requests_share_one_batch(client, model, monkeypatch
     release.set()
     for t in threads:
         t.join()
-    assert [len(r.json()["data"]) for r in results] == [1, 2, 1, 1, 1]
-    # b and c share settings and no seed: one call; the seeded and the greedy requests run alone
-    assert sorted(sorted(call) for call in calls) == [["b", "b", "c"], ["first"], ["greedy"], ["seeded"]]
+    assert [len(r.json()["data"]) for r in results] == [1, 2, 1, 1, 1, 1]
+    # b, c and d share settings (d names the model's defaults, b and c leave them out) and no seed: one
+    # call; the seeded and the greedy requests run alone
+    assert sorted(sorted(call) for call in calls) == [["b", "b", "c", "d"], ["first"], ["greedy"], ["seeded"]]
 
 
 def test_a_client_leaving_mid_stream_stops_the_model(client, model, monkeypatch):

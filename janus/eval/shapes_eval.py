@@ -232,8 +232,7 @@ def evaluate(
     if per_category < 1 or k < 1:
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
     model.model.eval()
-    cfg_weight = model.default_cfg_weight if cfg_weight is None else cfg_weight
-    temperature = model.default_temperature if temperature is None else temperature
+    cfg_weight, temperature = model.image_settings(cfg_weight, temperature)
     settings = {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "temperature": temperature}
     return {
         "settings": {**settings, "understanding_resolution": model.cfg.vision.image_size},

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections import deque
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Sequence
 
 from PIL import Image
@@ -114,6 +114,9 @@ class ModelWorker:
         progress: bool = False,
     ) -> list[Image.Image]:
         """n images for `prompt`; raises what `Janus.generate_image` raises (ValueError for bad input)."""
+        # Resolved now, so that a request naming the model's default batches with one that names none.
+        cfg_weight, temperature = self.model.image_settings(settings.cfg_weight, settings.temperature)
+        settings = replace(settings, cfg_weight=cfg_weight, temperature=temperature)
         async with self._admission:
             loop = asyncio.get_running_loop()
             job = _ImageJob(
