@@ -15,11 +15,9 @@
    scenes (configs/default/extend.yaml, then configs/default/extend2.yaml)
 9. phase 4: stage 3 continues once more on 60,000 more scenes, with each scene's questions asked in
    one multi-turn conversation (configs/default/extend3.yaml)
-10. phase 5: and once more, its understanding data only 60,000 new scenes asked up to 12 questions
-   each (configs/default/extend4.yaml)
-11. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
-12. `janus eval shapes` on the result, with those defaults
-13. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+10. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+11. `janus eval shapes` on the result, with those defaults
+12. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -37,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
-MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phases 4 and 5
+MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phase 4
 # CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
 # "Sampling defaults").
 GUIDANCE_SCALE = 2.0
@@ -117,12 +115,10 @@ def main() -> None:
     step("stage0_vit", vit / "vit.safetensors", lambda: run(sys.executable, "stages/stage0_vit.py", "--config", "configs/default/vit.yaml", "--set", f"out={vit}",
                                                             "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
 
-    def new_scenes(name: str, codes_dir: str, seed: int, questions: tuple[int, int] = (4, 1)) -> None:
-        """MORE_SCENES training scenes in root/name, `questions` = (per scene, per type) of them, and
-        their generation images' codes in root/codes_dir."""
+    def new_scenes(name: str, codes_dir: str, seed: int) -> None:
+        """MORE_SCENES training scenes in root/name and their generation images' codes in root/codes_dir."""
         out = root / name
-        step(name, out / "train" / "scenes.jsonl", lambda: write_dataset(out, MORE_SCENES, seed=seed, resolution=64, splits={"train": 1.0},
-                                                                      questions_per_scene=questions[0], questions_per_type=questions[1]))
+        step(name, out / "train" / "scenes.jsonl", lambda: write_dataset(out, MORE_SCENES, seed=seed, resolution=64, splits={"train": 1.0}))
         step(f"tokenize_{name}", root / codes_dir, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(out / "train" / "generation.jsonl"),
                                                                "--model", str(stage0), "--out", str(root / codes_dir)))
 
@@ -130,12 +126,6 @@ def main() -> None:
         """Stage 3 run by configs/default/{name}.yaml in root/name."""
         step(name, root / name / "stage3" / "export",
              lambda: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
-
-    def conversations(name: str) -> None:
-        """root/name's one-question records merged into one conversation per scene."""
-        split = root / name / "train"
-        step(f"conversations_{name}", split / "conversations.jsonl",
-             lambda: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
 
     new_scenes("data_more", "codes_more", seed=1)
     refit = root / "refit"
@@ -150,13 +140,11 @@ def main() -> None:
     # Phase 4.
     new_scenes("data_extra3", "codes_extra3", seed=4)
     for name in ("data", "data_more", "data_extra", "data_extra2", "data_extra3"):
-        conversations(name)
+        split = root / name / "train"
+        step(f"conversations_{name}", split / "conversations.jsonl",
+             lambda split=split: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
     continue_stage3("extend3")
-    # Phase 5.
-    new_scenes("data_extra4", "codes_extra4", seed=5, questions=(12, 3))
-    conversations("data_extra4")
-    continue_stage3("extend4")
-    final = root / "extend4" / "stage3" / "export"
+    final = root / "extend3" / "stage3" / "export"
     # Always written: an export inherits the generation_config.json of the checkpoint it started from.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
     (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
