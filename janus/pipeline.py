@@ -115,44 +115,56 @@ class Janus:
         seed: int | None = None,
         progress: bool = False,
         batch_size: int | None = None,
+        candidates: int = 1,
     ) -> torch.Tensor:
         """VQ codes [len(prompts) * n, num_image_tokens], n per prompt in prompt order.
 
         `cfg_weight` and `temperature` None mean `default_cfg_weight` and `default_temperature`.
         `batch_size` caps how many images run at once (default: as many as fit in memory).
+        `candidates` > 1 draws that many images for each one returned and keeps the one the model finds
+        most likely (its codes' conditional log-likelihood), at that many times the cost.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        if not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
         cfg_weight, temperature = self.image_settings(cfg_weight, temperature)
         if not cfg_weight >= 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
         sampling = Sampling(temperature, top_k, top_p)
         sampling.validate()
-        rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n)]
+        rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n * candidates)]
         longest = max(map(len, rows)) + self.cfg.vq.num_tokens
         if longest > self.cfg.decoder.max_seq_len:
             raise ValueError(f"prompt too long: {longest} positions with the image, the model allows {self.cfg.decoder.max_seq_len}")
         chunk = batch_size or self._images_per_batch(longest, cfg_weight != 1)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         bar = tqdm(total=len(rows) * self.cfg.vq.num_tokens, unit="tok", disable=not progress, desc="generating")
-        codes = []
+        codes, loglik = [], []
         with bar:
             try:
                 for start in range(0, len(rows), chunk):
                     batch = rows[start : start + chunk]
-                    codes.append(
-                        generate_image_codes(
-                            self.model, batch, self.tokenizer.pad_id, cfg_weight, sampling, generator,
-                            step_fn=self._step, static_cache_reads=self.compiled, on_step=lambda k=len(batch): bar.update(k),
-                        )
+                    result = generate_image_codes(
+                        self.model, batch, self.tokenizer.pad_id, cfg_weight, sampling, generator,
+                        step_fn=self._step, static_cache_reads=self.compiled, on_step=lambda k=len(batch): bar.update(k),
+                        with_loglik=candidates > 1,
                     )
+                    if candidates > 1:
+                        result, chunk_loglik = result
+                        loglik.append(chunk_loglik)
+                    codes.append(result)
             finally:
                 if not self.compiled:  # a compiled step must keep seeing the same buffers
                     self.model.decoder.drop_cache("image")
-        return torch.cat(codes)
+        if candidates == 1:
+            return torch.cat(codes)
+        # Rows come in runs of `candidates` for the same image; keep each run's most likely.
+        best = torch.cat(loglik).view(-1, candidates).argmax(1)
+        return torch.cat(codes)[best + torch.arange(len(best), device=best.device) * candidates]
 
     def generate_image(self, prompt: str | Sequence[str], n: int = 1, **kwargs) -> list[Image.Image]:
         """n images per prompt (same keyword arguments as `generate_image_tokens`)."""

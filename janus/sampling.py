@@ -120,8 +120,11 @@ def generate_image_codes(
     step_fn: Callable = image_step,
     static_cache_reads: bool = False,
     on_step: Callable[[], None] | None = None,
-) -> Tensor:
-    """Codes [len(prompts), num_tokens] for prompts that end with <begin_of_image>, one image each.
+    with_loglik: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Codes [len(prompts), num_tokens] for prompts that end with <begin_of_image>, one image each;
+    with `with_loglik`, also each image's log-likelihood [len(prompts)]: the sum of its codes'
+    log-probabilities under the conditional logits, before guidance and temperature.
 
     cfg_weight == 1 is plain conditional sampling, so the unconditional rows are skipped.
     `static_cache_reads` makes every step read the whole cache, whose length is rounded up to a
@@ -138,17 +141,20 @@ def generate_image_codes(
     key_valid = torch.cat([valid, valid.new_ones(len(rows), max_len - prefix)], dim=1)
     logits = model.image_logits(hidden).float()
     codes = torch.empty(len(prompts), n_tokens, dtype=torch.long, device=hidden.device)
+    loglik = torch.zeros(len(prompts), device=hidden.device)
     first_slot = torch.tensor([prefix], device=hidden.device)  # made once: a host->device copy each step would sync
     for i in range(n_tokens):
         token = sample(cfg_mix(logits, cfg_weight) if guided else logits, sampling, generator)
         codes[:, i] = token
+        if with_loglik:
+            loglik += logits[: len(prompts)].log_softmax(-1).gather(1, token[:, None])[:, 0]
         if on_step is not None:
             on_step()
         if i == n_tokens - 1:
             break
         reads = key_valid if static_cache_reads else key_valid[:, : prefix + i + 1]
         logits = step_fn(model, token.repeat(2) if guided else token, positions + i, first_slot + i, reads)
-    return codes
+    return (codes, loglik) if with_loglik else codes
 
 
 @torch.no_grad()

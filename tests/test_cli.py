@@ -18,7 +18,7 @@ def ckpt(tmp_path_factory):
 
 def test_generate_writes_pngs_and_grid(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["generate", "a red circle", "-n", "3", "-o", str(out), "--model", str(ckpt), "--seed", "1"]) == 0
+    assert main(["generate", "a red circle", "-n", "3", "-o", str(out), "--model", str(ckpt), "--seed", "1", "--candidates", "2"]) == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == ["000.png", "001.png", "002.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (64, 64)  # 2 x 2 cells of 32 px

@@ -39,6 +39,29 @@ def test_same_seed_same_images_other_seed_differs(pipe):
     assert not torch.equal(a[0], a[1])  # the n images of one prompt are different samples
 
 
+def _conditional_loglik(pipe, prompt: str, codes: torch.Tensor) -> torch.Tensor:
+    """Each row's log-likelihood of its codes given the prompt, by one teacher-forced forward pass."""
+    text = torch.tensor(pipe.tokenizer.encode(janus.processing.chat.generation_prompt(prompt, pipe.cfg.roles)))
+    tokens = torch.cat([text.expand(len(codes), -1), codes], 1)
+    code_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    code_mask[:, len(text) :] = True
+    with torch.no_grad():
+        hidden = pipe.model(tokens, code_mask=code_mask)[:, len(text) - 1 : -1]
+        return pipe.model.image_logits(hidden).float().log_softmax(-1).gather(2, codes[..., None])[..., 0].sum(1)
+
+
+def test_candidates_keep_the_most_likely_of_each_run(pipe):
+    # The same seed and rows draw the same images, so n * candidates plain draws are the candidates.
+    drawn = pipe.generate_image_tokens("a red circle", n=6, seed=3)
+    kept = pipe.generate_image_tokens("a red circle", n=2, candidates=3, seed=3)
+    loglik = _conditional_loglik(pipe, "a red circle", drawn).view(2, 3)
+    assert loglik.max(1).values.sub(loglik.min(1).values).min() > 1e-3  # the runs' candidates differ in score
+    expected = drawn.view(2, 3, -1)[torch.arange(2), loglik.argmax(1)]
+    assert torch.equal(kept, expected)
+    with pytest.raises(ValueError, match="candidates must be a positive integer"):
+        pipe.generate_image_tokens("a red circle", candidates=0)
+
+
 def test_batched_prompts_equal_each_alone_greedy(pipe):
     prompts = ["a red circle", "three small green triangles above a blue square", "a star"]
     batched = pipe.generate_image_tokens(prompts, n=2, temperature=0)

@@ -83,13 +83,17 @@ def heldout_prompts(category: str, n: int, seed: int = EVAL_SEED) -> list[Descri
 
 
 def evaluate_generation(
-    model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None
+    model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None,
+    candidates: int = 1,
 ) -> dict:
-    """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds."""
+    """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds
+    (`candidates`: as `Janus.generate_image_tokens`)."""
     categories = {}
     for index, category in enumerate(GEN_CATEGORIES):
         prompts = heldout_prompts(category, per_category, seed)
-        images = model.generate_image([p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index)
+        images = model.generate_image(
+            [p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index, candidates=candidates
+        )
         failures: Counter = Counter()
         per_prompt = []
         for i, prompt in enumerate(prompts):
@@ -222,9 +226,10 @@ def evaluate(
     progress: bool = False,
     cfg_weight: float | None = None,
     temperature: float | None = None,
+    candidates: int = 1,
 ) -> dict:
     """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` and `temperature` (of image
-    generation) None are the model's defaults.
+    generation) None are the model's defaults; `candidates` as `Janus.generate_image_tokens`.
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
     per POPE negative kind; the text metric uses per_category * 6 captions.
@@ -233,10 +238,10 @@ def evaluate(
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
     model.model.eval()
     cfg_weight, temperature = model.image_settings(cfg_weight, temperature)
-    settings = {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "temperature": temperature}
+    settings = {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "temperature": temperature, "candidates": candidates}
     return {
         "settings": {**settings, "understanding_resolution": model.cfg.vision.image_size},
-        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature),
+        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature, candidates),
         "understanding": evaluate_understanding(model, per_category, seed, progress),
         "text": caption_perplexity(model, per_category * len(GEN_CATEGORIES), seed),
     }
