@@ -136,7 +136,8 @@ class Janus:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
         sampling = Sampling(temperature, top_k, top_p)
         sampling.validate()
-        rows = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts for _ in range(n * candidates)]
+        encoded = [self.tokenizer.encode(generation_prompt(p, self.cfg.roles)) for p in prompts]
+        rows = [row for row in encoded for _ in range(n * candidates)]
         longest = max(map(len, rows)) + self.cfg.vq.num_tokens
         if longest > self.cfg.decoder.max_seq_len:
             raise ValueError(f"prompt too long: {longest} positions with the image, the model allows {self.cfg.decoder.max_seq_len}")
