@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-only", action="store_true", help="serve the HTTP API without the Gradio demo")
     s.add_argument("--concurrency", type=int, default=4, help="requests admitted to the model queue at once (default 4)")
-    s.add_argument("--max-batch-images", type=int, default=16, help="images per merged batch of seedless requests (1: no merging)")
+    s.add_argument("--max-batch-images", type=int, default=16, help="images drawn (candidates included) per merged batch of seedless requests (1: no merging)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="benchmark", required=True)

@@ -15,7 +15,7 @@ from PIL import Image
 import janus
 from janus.cli import main
 from janus.serve import create_app, serve_in_background
-from janus.serve.api import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+from janus.serve.api import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
 from janus.testing import save_tiny_checkpoint, steer_eos
 
 
@@ -183,6 +183,8 @@ IMAGE_ERRORS = {
     "temperature < 0": ({"prompt": "a", "temperature": -1}, "temperature"),
     "top_p 0": ({"prompt": "a", "top_p": 0}, "top_p"),
     "top_k 0": ({"prompt": "a", "top_k": 0}, "top_k"),
+    "candidates 0": ({"prompt": "a", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
+    "candidates 9": ({"prompt": "a", "candidates": 9}, f"candidates: Input should be less than or equal to {MAX_CANDIDATES}"),
     "url format": ({"prompt": "a", "response_format": "url"}, "response_format"),
     "unknown field": ({"prompt": "a", "size": "1024x1024"}, "unknown field 'size'"),
     "prompt too long": ({"prompt": "word " * 600}, "prompt too long"),
@@ -239,6 +241,8 @@ def test_concurrent_seedless_requests_share_one_batch(client, model, monkeypatch
     requests = [
         {"prompt": "first"}, {"prompt": "b", "n": 2}, {"prompt": "c"}, {"prompt": "d", **named_defaults},
         {"prompt": "seeded", "seed": 1}, {"prompt": "greedy", "temperature": 0},
+        # 16 and 4 images drawn: together over the client's max_batch_images of 16
+        {"prompt": "e", "n": 4, "candidates": 4}, {"prompt": "f", "candidates": 4},
     ]
     results = [None] * len(requests)
 
@@ -256,10 +260,12 @@ def test_concurrent_seedless_requests_share_one_batch(client, model, monkeypatch
     release.set()
     for t in threads:
         t.join()
-    assert [len(r.json()["data"]) for r in results] == [1, 2, 1, 1, 1, 1]
+    assert [len(r.json()["data"]) for r in results] == [1, 2, 1, 1, 1, 1, 4, 1]
     # b, c and d share settings (d names the model's defaults, b and c leave them out) and no seed: one
-    # call; the seeded and the greedy requests run alone
-    assert sorted(sorted(call) for call in calls) == [["b", "b", "c", "d"], ["first"], ["greedy"], ["seeded"]]
+    # call; the seeded and the greedy requests run alone, and so do e and f, which count their candidates
+    assert sorted(sorted(call) for call in calls) == [
+        ["b", "b", "c", "d"], ["e"] * 4, ["f"], ["first"], ["greedy"], ["seeded"]
+    ]
 
 
 def test_a_client_leaving_mid_stream_stops_the_model(client, model, monkeypatch):
@@ -314,3 +320,11 @@ def test_images_without_cfg_or_temperature_use_the_models_defaults(client, model
     assert served.tobytes() == model.generate_image("a red circle", seed=3, cfg_weight=2.0, temperature=0.5)[0].tobytes()
     assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=5.0, temperature=0.5)[0].tobytes()
     assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=2.0, temperature=1.0)[0].tobytes()
+
+
+def test_images_with_candidates_are_the_python_apis_best_of_n(client, model):
+    body = {"prompt": "a red circle", "n": 2, "seed": 5, "candidates": 3}
+    served = [png(d["b64_json"]).tobytes() for d in client.post("/v1/images/generations", json=body).json()["data"]]
+    kept = model.generate_image("a red circle", n=2, seed=5, candidates=3)
+    assert served == [im.tobytes() for im in kept]
+    assert served != [im.tobytes() for im in model.generate_image("a red circle", n=2, seed=5)]

@@ -34,6 +34,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # per uploaded image, checked from its header be
 MAX_IMAGES_PER_REQUEST = 8
 MAX_NEW_TOKENS = 4096
 MAX_IMAGES_PER_PROMPT = 8
+MAX_CANDIDATES = 8  # images drawn per image returned
 MAX_CFG_WEIGHT = 50.0
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
@@ -99,6 +100,7 @@ class ImageRequest(_Strict):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES)  # draw this many per image, keep the most likely
     response_format: Literal["b64_json"] = "b64_json"
 
     @field_validator("prompt")
@@ -249,7 +251,7 @@ def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
 
     @router.post("/v1/images/generations")
     async def images(request: ImageRequest) -> dict:
-        settings = ImageSettings(request.cfg, request.temperature, request.top_k, request.top_p)
+        settings = ImageSettings(request.cfg, request.temperature, request.top_k, request.top_p, request.candidates)
         try:
             pictures = await worker.generate_images(request.prompt, request.n, settings, request.seed)
         except ValueError as error:  # the pipeline's own checks, e.g. a prompt too long for the model

@@ -62,13 +62,13 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
         yield chat_messages([*turns, question, reply]), [*turns, question, reply], None
 
     async def generate(
-        prompt: str, n: float, cfg_weight: float, temperature: float, seed: float,
+        prompt: str, n: float, cfg_weight: float, temperature: float, seed: float, candidates: float,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # follows the pipeline's tqdm bar
     ) -> list[Image.Image]:
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
         progress(0, desc="waiting for the model")
-        settings = ImageSettings(cfg_weight=cfg_weight, temperature=temperature)
+        settings = ImageSettings(cfg_weight=cfg_weight, temperature=temperature, candidates=int(candidates))
         try:
             return await worker.generate_images(
                 prompt, int(n), settings, seed=None if seed < 0 else int(seed), progress=True
@@ -107,12 +107,13 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
                 cfg_weight = gr.Slider(0, 20, value=worker.model.default_cfg_weight, step=0.5, label="CFG weight")
                 temperature = gr.Slider(0, 2, value=worker.model.default_temperature, step=0.05, label="Temperature")
                 seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
+                candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates per image (the most likely is kept)")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(
                 label="Images", format="png", columns=4, buttons=["download", "fullscreen"], elem_id="gallery"
             )
             gr.Examples([[p] for p in GENERATE_EXAMPLES], inputs=[prompt])
-            inputs = [prompt, n, cfg_weight, temperature, seed]
+            inputs = [prompt, n, cfg_weight, temperature, seed, candidates]
             button.click(generate, inputs, gallery)
             prompt.submit(generate, inputs, gallery)
     return demo

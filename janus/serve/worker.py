@@ -35,6 +35,7 @@ class ImageSettings:
     temperature: float | None = None  # None: the model's default
     top_k: int | None = None
     top_p: float | None = None
+    candidates: int = 1  # images drawn per image returned; the most likely is kept (Janus.generate_image)
 
 
 @dataclass(kw_only=True)
@@ -83,7 +84,11 @@ def _settle(future: asyncio.Future, value: object) -> None:
 
 
 class ModelWorker:
-    """Runs all model calls on one thread; async methods submit jobs and await their results."""
+    """Runs all model calls on one thread; async methods submit jobs and await their results.
+
+    Queued seedless image requests with equal settings run as one batch of at most `max_batch_images`
+    images drawn (returned images times candidates).
+    """
 
     def __init__(self, model: Janus, concurrency: int = 4, max_batch_images: int = 16):
         if concurrency < 1 or max_batch_images < 1:
@@ -176,19 +181,20 @@ class ModelWorker:
             return None if self._closed else self._pending.popleft()
 
     def _batch_mates(self, first: _ImageJob) -> list[_ImageJob]:
-        """Queued seedless image jobs with `first`'s settings, up to max_batch_images images in all."""
+        """Queued seedless image jobs with `first`'s settings, up to max_batch_images images drawn in all."""
         if first.seed is not None:
             return []
-        mates, room = [], self.max_batch_images - first.n
+        drawn = first.settings.candidates
+        mates, room = [], self.max_batch_images - first.n * drawn
         with self._wakeup:
             for job in list(self._pending):
                 if (
                     isinstance(job, _ImageJob) and job.seed is None and job.settings == first.settings
-                    and job.n <= room
+                    and job.n * drawn <= room
                 ):
                     self._pending.remove(job)
                     mates.append(job)
-                    room -= job.n
+                    room -= job.n * drawn
         return mates
 
     def _run_images(self, jobs: list[_ImageJob]) -> None:
@@ -203,6 +209,7 @@ class ModelWorker:
             images = (watcher or jobs[0]).context.run(
                 self.model.generate_image, prompts, n=1, cfg_weight=s.cfg_weight, temperature=s.temperature,
                 top_k=s.top_k, top_p=s.top_p, seed=jobs[0].seed, progress=watcher is not None,
+                candidates=s.candidates,
             )
         except Exception as error:  # noqa: BLE001 - the caller decides; the thread keeps serving
             log.debug("image job failed", exc_info=True)
