@@ -251,3 +251,27 @@ def test_learning_rate_warms_up_stays_constant_and_optionally_decays(tmp_path):
     run(command(2, root, "train.steps=6", "optim.warmup_steps=2", "optim.decay_steps=3", "optim.lr=0.003", "checkpoint.every=100"))
     lrs = [r["lr"] for r in losses(root / "stage2").values()]
     assert lrs == pytest.approx([0.0015, 0.003, 0.003, 0.003, 0.002, 0.001])
+
+
+def test_grow_depth_doubles_the_layers_and_keeps_every_output(tmp_path):
+    from janus.testing import save_tiny_checkpoint
+    from janus.train.grow import grow_depth
+
+    model = load_model(save_tiny_checkpoint(tmp_path / "tiny"), "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = grow_depth(model)
+    assert grown.cfg.decoder.n_layers == 2 * model.cfg.decoder.n_layers == len(grown.decoder.layers)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source is untouched
+
+    tokens = torch.randint(0, model.cfg.decoder.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, grown_hidden = model(tokens), grown(tokens)
+    assert torch.equal(hidden, grown_hidden)
+    assert torch.equal(model.image_logits(hidden), grown.image_logits(grown_hidden))
+
+    # the inserted blocks are silent but not dead: their zeroed projections get gradients at once
+    grown.train()
+    grown.text_logits(grown(tokens)).logsumexp(-1).sum().backward()
+    inserted = grown.decoder.layers[1]
+    assert inserted.self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert inserted.mlp.down_proj.weight.grad.abs().sum() > 0
