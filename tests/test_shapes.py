@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from janus.data import read_records
+from janus.processing.chat import MATCH_QUESTION
 from janus.processing.tokenizer import IMAGE_TOKEN
 from janus.data.shapes import (
     BACKGROUND,
@@ -25,7 +26,9 @@ from janus.data.shapes import (
     Scene,
     caption,
     failed_clauses,
+    falsified,
     has_heldout_pair,
+    match_question,
     merge_conversations,
     plural,
     region,
@@ -217,6 +220,64 @@ def test_scene_questions_cover_the_types_first_then_repeat_them_without_repeatin
         assert len(dense) >= len(single)
     counts = [len(scene_questions(s, scene_rng(5, "questions", i), 12, per_type=3)) for i, s in enumerate(SCENES)]
     assert sum(counts) / len(counts) > 8  # repeated types do give most scenes far more than seven
+
+
+def _edit_kind(true, false):
+    """Which single edit turns description `true` into `false`."""
+    if false.relation != true.relation:
+        return "relation"
+    if len(false.objects) != len(true.objects):
+        return "count"
+    changed = [(a, b) for a, b in zip(true.objects, false.objects) if a != b]
+    if len(changed) == 2:
+        assert [a.colour for a, _ in changed] == [b.colour for _, b in changed][::-1]
+        return "swap"
+    ((a, b),) = changed
+    (kind,) = [k for k in ("shape", "colour", "size") if getattr(a, k) != getattr(b, k)]
+    return kind
+
+
+def test_falsified_captions_are_false_by_one_edit_of_each_kind():
+    kinds = Counter()
+    for i, scene in enumerate(SCENES):
+        rng = scene_rng(4, "match", i)
+        true = caption(scene, rng)
+        false = falsified(true, list(scene.objects), rng)
+        assert failed_clauses(false, list(scene.objects))
+        kinds[_edit_kind(true, false)] += 1
+    assert set(kinds) == {"shape", "colour", "size", "swap", "count", "relation"}
+
+
+def test_match_questions_ask_about_a_true_or_a_falsified_caption():
+    answers = Counter()
+    for i, scene in enumerate(SCENES[:200]):
+        for yes in (True, False):
+            rng, replay = scene_rng(4, "match", i), scene_rng(4, "match", i)
+            qa = match_question(scene, rng, answer_yes=yes)
+            true = caption(scene, replay)
+            shown = true if yes else falsified(true, list(scene.objects), replay)
+            assert (qa.type, qa.question, qa.answer) == ("match", MATCH_QUESTION.format(shown.text(replay)), "yes" if yes else "no")
+        answers[match_question(scene, scene_rng(5, "match", i)).answer] += 1
+    assert abs(answers["yes"] - answers["no"]) < 0.25 * 200
+
+
+def test_write_dataset_adds_match_questions_among_the_others(tmp_path):
+    manifests = write_dataset(tmp_path, 30, seed=2, resolution=32, splits={"train": 1.0}, match_questions=2)
+    per_image, places = Counter(), Counter()
+    questions: dict[str, list[str]] = {}
+    for line in manifests["train"]["understanding"].read_text().splitlines():
+        record = json.loads(line)
+        question, answer = (turn["content"] for turn in record["conversation"])
+        questions.setdefault(record["images"][0], []).append(question)
+        if question.startswith(f"{IMAGE_TOKEN}\n" + MATCH_QUESTION.split("{")[0]):
+            assert answer in ("yes", "no")
+            per_image[record["images"][0]] += 1
+    for image, asked in questions.items():
+        places.update(i for i, q in enumerate(asked) if MATCH_QUESTION.split("{")[0] in q)
+    assert set(per_image.values()) == {2} and len(per_image) == 30
+    assert len(places) > 3  # not always at the end of a scene's questions
+    plain = write_dataset(tmp_path / "plain", 30, seed=2, resolution=32, splits={"train": 1.0})
+    assert MATCH_QUESTION.split("{")[0] not in plain["train"]["understanding"].read_text()
 
 
 def test_scene_text_mentions_every_object():

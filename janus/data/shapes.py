@@ -21,6 +21,7 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw
 
+from janus.processing.chat import MATCH_QUESTION
 from janus.processing.tokenizer import IMAGE_TOKEN
 
 # Saturated colours at least 120 apart in RGB and from the background, chosen so that every blend of a
@@ -70,6 +71,8 @@ RELATION_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "b
 PLURALS = {"cross": "crosses"}
 NEGATIVE_KINDS = ("random", "adversarial", "binding")  # how an absent object is picked (POPE-style)
 QUESTION_TYPES = ("colour", "shape", "count", "position", "relation", "size", "existence")
+# Whether a caption fits the picture (match_question); asked only when write_dataset is told to.
+MATCH = "match"
 
 
 def _outline(shape: str) -> tuple[tuple[float, float], ...]:
@@ -373,7 +376,7 @@ def caption(scene: Scene, rng: random.Random) -> Description:
 
 @dataclass(frozen=True)
 class QA:
-    type: str  # one of QUESTION_TYPES
+    type: str  # one of QUESTION_TYPES, or MATCH
     question: str
     answer: str
     negative: str | None = None  # existence questions answered "no": which NEGATIVE_KINDS picked the object
@@ -492,6 +495,47 @@ def _existence(scene: Scene, rng: random.Random, answer_yes: bool, negative: str
     return QA("existence", f"Is there {_phrase(ObjectSpec(shape, colour), 1)} in the image?", "no", kind)
 
 
+def match_question(scene: Scene, rng: random.Random, answer_yes: bool | None = None) -> QA:
+    """Does the image show a caption (MATCH_QUESTION)? For "yes" a caption of the scene; for "no" one
+    made false by a single edit of the kinds image generation gets wrong: an object's shape, colour or
+    size changed, two objects' colours swapped, an object added or dropped, or the relation changed.
+    `answer_yes` None: either, at random."""
+    true = caption(scene, rng)
+    if answer_yes is None:
+        answer_yes = rng.random() < 0.5
+    shown = true if answer_yes else falsified(true, list(scene.objects), rng)
+    return QA(MATCH, MATCH_QUESTION.format(shown.text(rng)), "yes" if answer_yes else "no")
+
+
+def falsified(description: Description, objects: list[Located], rng: random.Random) -> Description:
+    """`description` with one edit that makes it false of `objects`."""
+    while True:
+        specs, relation_ = list(description.objects), description.relation
+        i = rng.randrange(len(specs))
+        edit = rng.choice(("shape", "colour", "size", "swap", "count", "relation"))
+        if edit == "shape":
+            specs[i] = dataclasses.replace(specs[i], shape=rng.choice(SHAPES))
+        elif edit == "colour" and specs[i].colour is not None:
+            specs[i] = dataclasses.replace(specs[i], colour=rng.choice(COLOURS))
+        elif edit == "size" and specs[i].size is not None:
+            specs[i] = dataclasses.replace(specs[i], size=rng.choice(tuple(SIZES)))
+        elif edit == "swap" and len(specs) > 1 and specs[i].colour is not None:
+            j = rng.choice([j for j in range(len(specs)) if j != i])
+            specs[i], specs[j] = dataclasses.replace(specs[i], colour=specs[j].colour), dataclasses.replace(specs[j], colour=specs[i].colour)
+        elif edit == "count" and relation_ is None and (len(specs) > 1 or len(specs) < MAX_OBJECTS):
+            if len(specs) > 1 and (len(specs) == MAX_OBJECTS or rng.random() < 0.5):
+                del specs[i]
+            else:
+                specs.insert(i, specs[i])
+        elif edit == "relation" and relation_ is not None:
+            relation_ = rng.choice([r for r in RELATIONS if r != relation_])
+        else:
+            continue
+        edited = Description(description.category, tuple(specs), relation_)
+        if failed_clauses(edited, objects):
+            return edited
+
+
 def scene_questions(scene: Scene, rng: random.Random, n: int, per_type: int = 1) -> list[QA]:
     """Up to n different questions, at most `per_type` of each type (existence included, its answer yes
     or no at random). Types come in shuffled rounds, one question of each type per round, so the first
@@ -554,6 +598,7 @@ def write_dataset(
     splits: dict[str, float] | None = None,
     questions_per_scene: int = 4,
     questions_per_type: int = 1,
+    match_questions: int = 0,
 ) -> dict[str, dict[str, Path]]:
     """Write splits of scenes in the training data format (docs/data.md) and return their manifests.
 
@@ -561,6 +606,7 @@ def write_dataset(
     `out_dir/<split>/`: `images/NNNNNN.png`, `understanding.jsonl` (one question per record),
     `generation.jsonl` (one caption per scene), `text.jsonl` (one description per scene) and
     `scenes.jsonl` (the ground truth). The split named "train" holds no held-out pair (HELDOUT_PAIRS).
+    `match_questions` adds that many `match_question`s per scene, each at a random place among the others.
     """
     splits = splits if splits is not None else {"train": 0.9, "heldout": 0.1}
     out = Path(out_dir)
@@ -574,7 +620,10 @@ def write_dataset(
             scene = sample_scene(rng, exclude_heldout=split == "train")
             name = f"images/{i:06d}.png"
             render(scene, resolution).save(directory / name)
-            for qa in scene_questions(scene, rng, questions_per_scene, questions_per_type):
+            questions = scene_questions(scene, rng, questions_per_scene, questions_per_type)
+            for _ in range(match_questions):
+                questions.insert(rng.randrange(len(questions) + 1), match_question(scene, rng))
+            for qa in questions:
                 conversation = [
                     {"role": "user", "content": f"{IMAGE_TOKEN}\n{qa.question}"},
                     {"role": "assistant", "content": qa.answer},

@@ -43,6 +43,12 @@ def render_chat(messages: list[dict], roles: tuple[str, str], system: str = "") 
     return "".join(parts)
 
 
+# The question by which a model judges whether an image shows a description (as VQAScore asks it):
+# janus.data.shapes.match_question makes training data for it, and best-of-N generation can rank its
+# candidates by the answer (Janus.image_match).
+MATCH_QUESTION = "Does the image show {}?"
+
+
 def generation_prompt(text: str, roles: tuple[str, str]) -> str:
     """Text-to-image prompt: empty system prompt, one user turn, the assistant cue, then `<begin_of_image>`."""
     if not isinstance(text, str) or not text:
