@@ -23,28 +23,23 @@ import torch
 import janus
 from janus.data.codes import encode_images
 from janus.data.shapes import caption, render, sample_scene
-from janus.processing import generation_prompt
 
 SEED = 8_000  # no training split uses it
 ROUNDINGS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()
-def code_nll(model: janus.Janus, prompts: list[list[int]], codes: torch.Tensor) -> float:
+def code_nll(model: janus.Janus, prompts: list[str], codes: torch.Tensor) -> float:
     """Mean negative log-likelihood (nats) of each scene's codes given its prompt."""
-    m, total = model.model.eval(), 0.0
-    for prompt, row in zip(prompts, codes):
-        tokens = torch.tensor([prompt + row.tolist()])
-        hidden = m(tokens, code_mask=torch.arange(tokens.shape[1])[None] >= len(prompt))[:, len(prompt) - 1 : -1]
-        total -= m.image_logits(hidden).float().log_softmax(-1)[0].gather(1, row[:, None]).sum().item()
-    return total / codes.numel()
+    model.model.eval()
+    return -sum(float(model.image_loglik(prompt, row[None])) for prompt, row in zip(prompts, codes)) / codes.numel()
 
 
 def score(path: str | None, n_scenes: int) -> dict[str, float]:
     model = janus.load(path, device="cpu", dtype="float32")
     rng = random.Random(SEED)
     scenes = [sample_scene(rng) for _ in range(n_scenes)]
-    prompts = [model.tokenizer.encode(generation_prompt(caption(s, rng).text(), model.cfg.roles)) for s in scenes]
+    prompts = [caption(s, rng).text() for s in scenes]
     codes = encode_images(model.model.vq, [render(s, model.cfg.vq.image_size) for s in scenes])
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     results = {}

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 CFG_HELP = "classifier-free guidance weight (default: the checkpoint's guidance_scale in generation_config.json, else 5)"
 TEMPERATURE_HELP = "image sampling temperature, 0 greedy (default: the checkpoint's temperature in generation_config.json, else 1)"
-CANDIDATES_HELP = "draw this many images for each one kept, keeping the one the model finds most likely (default 1)"
+CANDIDATES_HELP = "draw this many images for each one kept, keeping the best by --rank-by (default 1)"
+RANKINGS = ("likelihood", "match")  # janus.pipeline.RANKINGS; not imported, as the CLI loads torch lazily
+RANK_HELP = "how candidates are ranked: likelihood (of their codes under the model; the default) or match (the model's yes/no judgement that the image shows the prompt, for models trained to give it)"
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -40,6 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     images = model.generate_image(
         args.prompt, n=args.n, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, progress=True, batch_size=args.batch_size, candidates=args.candidates,
+        rank_by=args.rank_by,
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     seed = EVAL_SEED if args.seed is None else args.seed
     results = evaluate(
         _load(args), per_category=args.per_category, k=args.k, seed=seed, progress=True, cfg_weight=args.cfg,
-        temperature=args.temperature, candidates=args.candidates,
+        temperature=args.temperature, candidates=args.candidates, rank_by=args.rank_by,
     )
     results["settings"]["model"] = args.model
     out = Path(args.json)
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: as many as fit)")
     g.add_argument("--candidates", type=int, default=1, help=CANDIDATES_HELP)
+    g.add_argument("--rank-by", choices=RANKINGS, default="likelihood", help=RANK_HELP)
     model_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     shapes.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     shapes.add_argument("--candidates", type=int, default=1, help=CANDIDATES_HELP)
+    shapes.add_argument("--rank-by", choices=RANKINGS, default="likelihood", help=RANK_HELP)
     shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
     shapes.set_defaults(func=cmd_eval_shapes)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model
 from .models.unified import JanusModel
-from .processing.chat import DEFAULT_SYSTEM_PROMPT, expand_image_tokens, generation_prompt, render_chat
+from .processing.chat import DEFAULT_SYSTEM_PROMPT, MATCH_QUESTION, expand_image_tokens, generation_prompt, render_chat
 from .processing.image import load_image, preprocess_understanding, to_pil
 from .processing.tokenizer import IMAGE_TOKEN, StreamDecoder, Tokenizer
 from .sampling import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE, Sampling, generate_image_codes, generate_text, image_step
@@ -25,6 +25,10 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 # Sampling defaults of a checkpoint, as transformers keeps them: `guidance_scale` (the CFG weight) and
 # `temperature` of image generation.
 GENERATION_CONFIG = "generation_config.json"
+# How best-of-N generation picks among candidates (Janus.generate_image_tokens).
+RANKINGS = ("likelihood", "match")
+# The answers image_match weighs, in both cases, as models trained on human data write them.
+YES_ANSWERS, NO_ANSWERS = ("yes", "Yes"), ("no", "No")
 
 
 class ChatStream(Iterator[str]):
@@ -116,13 +120,16 @@ class Janus:
         progress: bool = False,
         batch_size: int | None = None,
         candidates: int = 1,
+        rank_by: str = "likelihood",
     ) -> torch.Tensor:
         """VQ codes [len(prompts) * n, num_image_tokens], n per prompt in prompt order.
 
         `cfg_weight` and `temperature` None mean `default_cfg_weight` and `default_temperature`.
         `batch_size` caps how many images run at once (default: as many as fit in memory).
-        `candidates` > 1 draws that many images for each one returned and keeps the one the model finds
-        most likely (its codes' conditional log-likelihood), at that many times the cost.
+        `candidates` > 1 draws that many images for each one returned, at that many times the cost, and
+        keeps the best by `rank_by`: "likelihood", its codes' conditional log-likelihood under the model
+        (`image_loglik`), or "match", the model's own judgement that the image shows the prompt
+        (`image_match`; it needs a model trained to answer that question, which the built-in one is not).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -131,6 +138,8 @@ class Janus:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+        if rank_by not in RANKINGS:
+            raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
         cfg_weight, temperature = self.image_settings(cfg_weight, temperature)
         if not cfg_weight >= 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
@@ -152,20 +161,28 @@ class Janus:
                     result = generate_image_codes(
                         self.model, batch, self.tokenizer.pad_id, cfg_weight, sampling, generator,
                         step_fn=self._step, static_cache_reads=self.compiled, on_step=lambda k=len(batch): bar.update(k),
-                        with_loglik=candidates > 1,
+                        with_loglik=candidates > 1 and rank_by == "likelihood",
                     )
-                    if candidates > 1:
+                    if candidates > 1 and rank_by == "likelihood":
                         result, chunk_loglik = result
                         loglik.append(chunk_loglik)
                     codes.append(result)
             finally:
                 if not self.compiled:  # a compiled step must keep seeing the same buffers
                     self.model.decoder.drop_cache("image")
+        codes = torch.cat(codes)
         if candidates == 1:
-            return torch.cat(codes)
-        # Rows come in runs of `candidates` for the same image; keep each run's most likely.
-        best = torch.cat(loglik).view(-1, candidates).argmax(1)
-        return torch.cat(codes)[best + torch.arange(len(best), device=best.device) * candidates]
+            return codes
+        if rank_by == "likelihood":
+            scores = torch.cat(loglik)
+        else:
+            per_prompt = n * candidates
+            scores = torch.cat([
+                self.image_match(p, self.decode_image_tokens(codes[i * per_prompt : (i + 1) * per_prompt])) for i, p in enumerate(prompts)
+            ])
+        # Rows come in runs of `candidates` for the same image; keep each run's best.
+        best = scores.to(codes.device).view(-1, candidates).argmax(1)
+        return codes[best + torch.arange(len(best), device=best.device) * candidates]
 
     def generate_image(self, prompt: str | Sequence[str], n: int = 1, **kwargs) -> list[Image.Image]:
         """n images per prompt (same keyword arguments as `generate_image_tokens`)."""
@@ -181,6 +198,64 @@ class Janus:
         for start in range(0, len(tokens), 8):  # the VQ decoder's activations are large at full size
             images += to_pil(self.model.vq.decode(tokens[start : start + 8]).float())
         return images
+
+    @torch.no_grad()
+    def image_loglik(self, prompt: str, codes: torch.Tensor) -> torch.Tensor:
+        """Each row's log-likelihood of its VQ codes [B, num_image_tokens] given `prompt`, under the
+        conditional logits (no guidance, temperature 1), float32 [B]: the score `rank_by="likelihood"`
+        ranks by, here computed teacher-forced."""
+        codes = torch.as_tensor(codes, device=self.device)
+        if codes.dim() != 2 or codes.shape[1] != self.cfg.vq.num_tokens:
+            raise ValueError(f"codes must have shape [B, {self.cfg.vq.num_tokens}], got {list(codes.shape)}")
+        text = torch.tensor(self.tokenizer.encode(generation_prompt(prompt, self.cfg.roles)), device=self.device)
+        tokens = torch.cat([text.expand(len(codes), -1), codes], 1)
+        code_mask = torch.arange(tokens.shape[1], device=self.device) >= len(text)
+        hidden = self.model(tokens, code_mask=code_mask.expand_as(tokens))[:, len(text) - 1 : -1]
+        logp = self.model.image_logits(hidden).float().log_softmax(-1)
+        return logp.gather(2, codes[..., None])[..., 0].sum(1).cpu()
+
+    @torch.no_grad()
+    def image_match(self, prompt: str, images: Sequence[ImageInput], batch_size: int = 16) -> torch.Tensor:
+        """The model's judgement of whether each image shows `prompt`: log P(yes) - log P(no) of its
+        answer to MATCH_QUESTION (a VQAScore-style question), float32 [len(images)]; > 0 means yes.
+
+        Each answer's probability sums its writings in YES_ANSWERS / NO_ANSWERS; an answer's tokens are
+        scored whole (teacher-forced), as a tokenizer may split "yes" into pieces."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        images = [load_image(im) for im in images]
+        if not images:
+            raise ValueError("image_match needs at least one image")
+        tokens, _ = self._chat_inputs([{"role": "user", "content": MATCH_QUESTION.format(prompt), "images": images[:1]}])
+        answers = [self.tokenizer.encode(f" {a}", bos=False) for a in (*YES_ANSWERS, *NO_ANSWERS)]
+        width = tokens.shape[1] + max(map(len, answers))
+        if width > self.cfg.decoder.max_seq_len:
+            raise ValueError(f"prompt too long: the question takes {width} positions, the model allows {self.cfg.decoder.max_seq_len}")
+        # One row per (image, answer): the question, then the answer, padded on the right (causal
+        # attention keeps the padding out of every scored position).
+        rows = torch.full((len(answers), width), self.tokenizer.pad_id, device=self.device)
+        scored = torch.zeros(len(answers), width - 1, dtype=torch.bool, device=self.device)
+        for j, answer in enumerate(answers):
+            end = tokens.shape[1] + len(answer)
+            rows[j, : tokens.shape[1]] = tokens[0]
+            rows[j, tokens.shape[1] : end] = torch.tensor(answer, device=self.device)
+            scored[j, tokens.shape[1] - 1 : end - 1] = True
+        image_mask = rows == self.tokenizer.image_id
+        scores = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = preprocess_understanding(chunk, self.cfg.vision.image_size).to(self.device)
+            batch = rows.repeat(len(chunk), 1)
+            hidden = self.model(batch, image_mask.repeat(len(chunk), 1), pixels.repeat_interleave(len(answers), 0))
+            # The head runs on the answers' positions only: at a large vocabulary, all logits are gigabytes.
+            where = scored.repeat(len(chunk), 1)
+            logits = self.model.text_logits(hidden[:, :-1][where])[:, : self.tokenizer.vocab_size].float()
+            token_logp = logits.log_softmax(-1).gather(1, batch[:, 1:][where][:, None])[:, 0]
+            row = torch.arange(len(batch), device=self.device)[:, None].expand_as(where)[where]
+            answer_logp = token_logp.new_zeros(len(batch)).index_add_(0, row, token_logp).view(len(chunk), len(answers))
+            yes, no = answer_logp[:, : len(YES_ANSWERS)], answer_logp[:, len(YES_ANSWERS) :]
+            scores.append(yes.logsumexp(1) - no.logsumexp(1))
+        return torch.cat(scores).cpu()
 
     def _images_per_batch(self, seq_len: int, guided: bool) -> int:
         """Images per batch such that their KV cache takes at most half the free accelerator memory."""

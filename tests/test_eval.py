@@ -160,7 +160,7 @@ class PerfectModel:
         self.prompts = {d.text(): d for category in GEN_CATEGORIES for d in category_prompts(category)}
         self.answers = {(qa.question, render(scene, 64).tobytes()): qa.answer for scene, qa, _ in understanding_items(per_type)}
 
-    def generate_image(self, prompts, n, cfg_weight, temperature, seed, candidates):
+    def generate_image(self, prompts, n, cfg_weight, temperature, seed, candidates, rank_by):
         rng = random.Random(seed)
         return [render(scene_for(self.prompts[p], rng), 64) for p in prompts for _ in range(n)]
 
@@ -188,13 +188,13 @@ def test_eval_shapes_command_on_tiny_random_model(tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "results" / "shapes.json"
     args = ["eval", "shapes", "--model", str(ckpt), "--json", str(out), "--k", "2", "--per-category", "1", "--device", "cpu", "--cfg", "3", "--temperature", "0.5",
-            "--candidates", "2"]
+            "--candidates", "2", "--rank-by", "match"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "POPE" in printed and "perplexity" in printed
     results = json.loads(out.read_text())
     assert results["settings"] == {"seed": 1000, "k": 2, "per_category": 1, "cfg_weight": 3.0, "temperature": 0.5, "candidates": 2,
-                                   "understanding_resolution": 32, "model": str(ckpt)}
+                                   "rank_by": "match", "understanding_resolution": 32, "model": str(ckpt)}
     generation = results["generation"]
     assert set(generation["categories"]) == set(GEN_CATEGORIES) and _in_unit_range(generation["overall"])
     for c in generation["categories"].values():

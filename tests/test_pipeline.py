@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,6 +11,11 @@ from PIL import Image
 
 import janus
 from janus.checkpoint import CheckpointError
+from janus.data.records import Record
+from janus.data.sequences import build_sample
+from janus.models.unified import IGNORE
+from janus.processing.chat import MATCH_QUESTION
+from janus.processing.tokenizer import IMAGE_TOKEN
 from janus.sampling import Sampling, generate_image_codes, sample
 from janus.testing import cache_buffers, save_tiny_checkpoint, steer_eos
 
@@ -53,13 +59,52 @@ def _conditional_loglik(pipe, prompt: str, codes: torch.Tensor) -> torch.Tensor:
 def test_candidates_keep_the_most_likely_of_each_run(pipe):
     # The same seed and rows draw the same images, so n * candidates plain draws are the candidates.
     drawn = pipe.generate_image_tokens("a red circle", n=6, seed=3)
-    kept = pipe.generate_image_tokens("a red circle", n=2, candidates=3, seed=3)
+    kept = pipe.generate_image_tokens("a red circle", n=2, candidates=3, seed=3)  # rank_by="likelihood" is the default
     loglik = _conditional_loglik(pipe, "a red circle", drawn).view(2, 3)
+    assert torch.allclose(pipe.image_loglik("a red circle", drawn), loglik.flatten(), atol=1e-4)
     assert loglik.max(1).values.sub(loglik.min(1).values).min() > 1e-3  # the runs' candidates differ in score
     expected = drawn.view(2, 3, -1)[torch.arange(2), loglik.argmax(1)]
     assert torch.equal(kept, expected)
     with pytest.raises(ValueError, match="candidates must be a positive integer"):
         pipe.generate_image_tokens("a red circle", candidates=0)
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        pipe.generate_image_tokens("a red circle", candidates=2, rank_by="clip")
+
+
+def _answer_logprob(pipe, prompt: str, image: Image.Image, answer: str) -> float:
+    """log P(answer) to MATCH_QUESTION about the image, as training scores it: the answer's tokens (its
+    end token left out) in the sequence the training data builder makes of that conversation."""
+    conversation = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{MATCH_QUESTION.format(prompt)}"}, {"role": "assistant", "content": answer}]
+    record = Record("understanding", {"conversation": conversation}, [image], "test")
+    sample = build_sample(record, pipe.tokenizer, pipe.cfg.roles, pipe.cfg, None, random.Random(0))
+    with torch.no_grad():
+        hidden = pipe.model(sample.tokens[None], sample.image_mask[None], sample.pixels)
+        losses = pipe.model.token_losses(hidden, sample.targets[None], sample.target_is_code[None])[0]
+    answer_positions = (sample.targets != IGNORE).nonzero()[:-1, 0]
+    return -float(losses[answer_positions].sum())
+
+
+def test_image_match_is_the_log_odds_of_yes_against_no(pipe):
+    images = pipe.generate_image("a red circle", n=3, seed=0)
+    scores = pipe.image_match("a red circle", images, batch_size=2)
+    for image, score in zip(images, scores):
+        logp = {a: _answer_logprob(pipe, "a red circle", image, a) for a in ("yes", "Yes", "no", "No")}
+        expected = math.log(math.exp(logp["yes"]) + math.exp(logp["Yes"])) - math.log(math.exp(logp["no"]) + math.exp(logp["No"]))
+        assert float(score) == pytest.approx(expected, abs=1e-4)
+    assert float(scores.max() - scores.min()) > 1e-4  # the images are told apart
+    with pytest.raises(ValueError, match="at least one image"):
+        pipe.image_match("a red circle", [])
+
+
+def test_candidates_ranked_by_match_keep_each_runs_best_judged(pipe):
+    prompts = ["a red circle", "two blue squares"]
+    drawn = pipe.generate_image_tokens(prompts, n=4, seed=3)
+    kept = pipe.generate_image_tokens(prompts, n=2, candidates=2, seed=3, rank_by="match")
+    scores = torch.cat([pipe.image_match(p, pipe.decode_image_tokens(drawn[4 * i : 4 * i + 4])) for i, p in enumerate(prompts)])
+    scores = scores.view(4, 2)
+    assert scores.max(1).values.sub(scores.min(1).values).min() > 1e-4  # every run's candidates differ in score
+    expected = drawn.view(4, 2, -1)[torch.arange(4), scores.argmax(1)]
+    assert torch.equal(kept, expected)
 
 
 def test_batched_prompts_equal_each_alone_greedy(pipe):

@@ -84,15 +84,16 @@ def heldout_prompts(category: str, n: int, seed: int = EVAL_SEED) -> list[Descri
 
 def evaluate_generation(
     model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None,
-    candidates: int = 1,
+    candidates: int = 1, rank_by: str = "likelihood",
 ) -> dict:
     """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds
-    (`candidates`: as `Janus.generate_image_tokens`)."""
+    (`candidates`, `rank_by`: as `Janus.generate_image_tokens`)."""
     categories = {}
     for index, category in enumerate(GEN_CATEGORIES):
         prompts = heldout_prompts(category, per_category, seed)
         images = model.generate_image(
-            [p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index, candidates=candidates
+            [p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index, candidates=candidates,
+            rank_by=rank_by,
         )
         failures: Counter = Counter()
         per_prompt = []
@@ -227,9 +228,10 @@ def evaluate(
     cfg_weight: float | None = None,
     temperature: float | None = None,
     candidates: int = 1,
+    rank_by: str = "likelihood",
 ) -> dict:
     """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` and `temperature` (of image
-    generation) None are the model's defaults; `candidates` as `Janus.generate_image_tokens`.
+    generation) None are the model's defaults; `candidates` and `rank_by` as `Janus.generate_image_tokens`.
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
     per POPE negative kind; the text metric uses per_category * 6 captions.
@@ -239,9 +241,11 @@ def evaluate(
     model.model.eval()
     cfg_weight, temperature = model.image_settings(cfg_weight, temperature)
     settings = {"seed": seed, "k": k, "per_category": per_category, "cfg_weight": cfg_weight, "temperature": temperature, "candidates": candidates}
+    if candidates > 1:
+        settings["rank_by"] = rank_by
     return {
         "settings": {**settings, "understanding_resolution": model.cfg.vision.image_size},
-        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature, candidates),
+        "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature, candidates, rank_by),
         "understanding": evaluate_understanding(model, per_category, seed, progress),
         "text": caption_perplexity(model, per_category * len(GEN_CATEGORIES), seed),
     }
