@@ -151,6 +151,7 @@ class Janus:
         if longest > self.cfg.decoder.max_seq_len:
             raise ValueError(f"prompt too long: {longest} positions with the image, the model allows {self.cfg.decoder.max_seq_len}")
         chunk = batch_size or self._images_per_batch(longest, cfg_weight != 1)
+        by_likelihood = candidates > 1 and rank_by == "likelihood"  # the sampler scores as it draws
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         bar = tqdm(total=len(rows) * self.cfg.vq.num_tokens, unit="tok", disable=not progress, desc="generating")
         codes, loglik = [], []
@@ -161,9 +162,9 @@ class Janus:
                     result = generate_image_codes(
                         self.model, batch, self.tokenizer.pad_id, cfg_weight, sampling, generator,
                         step_fn=self._step, static_cache_reads=self.compiled, on_step=lambda k=len(batch): bar.update(k),
-                        with_loglik=candidates > 1 and rank_by == "likelihood",
+                        with_loglik=by_likelihood,
                     )
-                    if candidates > 1 and rank_by == "likelihood":
+                    if by_likelihood:
                         result, chunk_loglik = result
                         loglik.append(chunk_loglik)
                     codes.append(result)
@@ -173,7 +174,7 @@ class Janus:
         codes = torch.cat(codes)
         if candidates == 1:
             return codes
-        if rank_by == "likelihood":
+        if by_likelihood:
             scores = torch.cat(loglik)
         else:
             per_prompt = n * candidates

@@ -522,7 +522,7 @@ def falsified(description: Description, objects: list[Located], rng: random.Rand
         elif edit == "swap" and len(specs) > 1 and specs[i].colour is not None:
             j = rng.choice([j for j in range(len(specs)) if j != i])
             specs[i], specs[j] = dataclasses.replace(specs[i], colour=specs[j].colour), dataclasses.replace(specs[j], colour=specs[i].colour)
-        elif edit == "count" and relation_ is None and (len(specs) > 1 or len(specs) < MAX_OBJECTS):
+        elif edit == "count" and relation_ is None:
             if len(specs) > 1 and (len(specs) == MAX_OBJECTS or rng.random() < 0.5):
                 del specs[i]
             else:
