@@ -101,9 +101,8 @@ def prefill_shared(model: JanusModel, rows: list[list[int]], pad_id: int, max_le
 
 
 def image_step(model: JanusModel, codes: Tensor, positions: Tensor, slot: Tensor, key_valid: Tensor) -> Tensor:
-    """Image-head logits [B, V] after feeding `codes` [B] at RoPE `positions` ([B], or [B, 2]: see
-    `JanusModel.code_positions`) and cache `slot` ([1]); attends over the slots of `key_valid` [B, S]
-    up to `slot` (S may be the whole cache, for static shapes)."""
+    """Image-head logits [B, V] after feeding `codes` [B] at cache `slot` ([1]); attends over the
+    slots of `key_valid` [B, S] up to `slot` (S may be the whole cache, for static shapes)."""
     x = model.embed_image_codes(codes)[:, None]
     visible = key_valid & (torch.arange(key_valid.shape[1], device=slot.device) <= slot)
     hidden = model.decoder(x, positions[:, None], visible[:, None, None, :], slot)
@@ -154,7 +153,7 @@ def generate_image_codes(
         if i == n_tokens - 1:
             break
         reads = key_valid if static_cache_reads else key_valid[:, : prefix + i + 1]
-        logits = step_fn(model, token.repeat(2) if guided else token, model.code_positions(positions + i, i), first_slot + i, reads)
+        logits = step_fn(model, token.repeat(2) if guided else token, positions + i, first_slot + i, reads)
     return (codes, loglik) if with_loglik else codes
 
 
@@ -180,8 +179,7 @@ def generate_text(
     slots = torch.arange(length, device=device)
     valid = torch.ones(1, length + max_new_tokens, dtype=torch.bool, device=device)
     h = model.embed(tokens, image_mask, pixels)
-    positions = model.rope_positions(slots[None], image_mask)
-    hidden = model.decoder(h, positions, padded_causal_mask(valid[:, :length], slots), slots)[:, -1]
+    hidden = model.decoder(h, slots[None], padded_causal_mask(valid[:, :length], slots), slots)[:, -1]
     for i in range(max_new_tokens):
         token = sample(model.text_logits(hidden)[:, :vocab_size].float(), sampling, generator)
         token_id = int(token)  # the caller needs it now: stop test and streaming

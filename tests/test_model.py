@@ -5,16 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from math import isqrt
 
-import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
 from janus.checkpoint import load_model, save_model
-from janus.models.config import ConfigError, JanusConfig
-from janus.models.unified import IGNORE, JanusModel, run_index
+from janus.models.config import JanusConfig
+from janus.models.unified import IGNORE, JanusModel
 from janus.testing import randomize
 
 
@@ -137,58 +135,3 @@ def test_decode_sized_linear_matches_f_linear():
     layer(x).square().sum().backward()
     expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)
-
-
-def grid_rope_config() -> JanusConfig:
-    cfg = JanusConfig.preset("tiny")
-    cfg.decoder.rope_2d_images = True
-    return cfg
-
-
-def test_run_index_counts_within_each_run():
-    mask = torch.tensor([[False, True, True, False, True, True, True], [True, True, False, False, False, False, True]])
-    expected = torch.tensor([[-1, 0, 1, -1, 0, 1, 2], [0, 1, -1, -1, -1, -1, 0]])
-    assert torch.equal(run_index(mask), expected)
-
-
-def test_2d_rope_positions_tell_rows_and_columns_apart():
-    cfg = JanusConfig.preset("tiny")
-    side = isqrt(cfg.vq.num_tokens)
-    n_text = 5
-    tokens = torch.zeros(1, n_text + side * side, dtype=torch.long)
-    code_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    code_mask[:, n_text:] = True
-    positions = torch.arange(tokens.shape[1])[None]
-    assert torch.equal(JanusModel(cfg).rope_positions(positions, code_mask=code_mask), positions)  # Janus: 1-D
-    model = JanusModel(grid_rope_config())
-    pos = model.rope_positions(positions, code_mask=code_mask)[0]
-    assert pos.shape == (tokens.shape[1], 2)
-    assert torch.equal(pos[:n_text, 0], pos[:n_text, 1]) and torch.equal(pos[:, 0], positions[0])
-    # Between two codes, the difference of 2-D positions is a function of (rows apart, columns apart),
-    # and different for different ones; the 1-D difference alone is not (one row = `side` columns).
-    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    offsets = (grid[:, None] - grid[None]).reshape(-1, 2)
-    differences = (pos[n_text:, None] - pos[None, n_text:]).reshape(-1, 2)
-    assert len(offsets.unique(dim=0)) == len(torch.cat([offsets, differences], 1).unique(dim=0)) == len(differences.unique(dim=0))
-    assert len(differences[:, 0].unique()) < len(offsets.unique(dim=0))
-    # The sampler's per-step positions are the same as a whole sequence's.
-    for i in (0, side + 1, side * side - 1):
-        assert torch.equal(model.code_positions(positions[:, n_text + i], i)[0], pos[n_text + i])
-
-
-def test_2d_rope_changes_only_what_image_tokens_see():
-    flat = tiny_model()
-    cfg = grid_rope_config()
-    grid = JanusModel(cfg).eval()
-    grid.load_state_dict(flat.state_dict())
-    n_text = 6
-    tokens = torch.randint(0, cfg.decoder.vocab_size, (1, n_text + cfg.vq.num_tokens))
-    code_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    code_mask[:, n_text:] = True
-    tokens[code_mask] = torch.randint(0, cfg.vq.codebook_size, (cfg.vq.num_tokens,))
-    with torch.no_grad():
-        a, b = flat(tokens, code_mask=code_mask), grid(tokens, code_mask=code_mask)
-    assert torch.allclose(a[:, :n_text + 1], b[:, :n_text + 1], atol=1e-6)  # text, and the first code: nothing to its left
-    assert not torch.allclose(a[:, n_text + 2 :], b[:, n_text + 2 :], atol=1e-3)
-    with pytest.raises(ConfigError, match="no 2-D RoPE"):
-        cfg.to_official()

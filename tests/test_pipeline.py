@@ -331,31 +331,3 @@ def test_a_bad_generation_config_is_a_clear_error(tmp_path, text, message):
     (path / "generation_config.json").write_text(text)
     with pytest.raises(CheckpointError, match=message):
         janus.load(path, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def grid_rope_pipe(tmp_path_factory):
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("grid") / "tiny", rope_2d_images=True)
-    return janus.load(path, device="cpu", dtype="float32")
-
-
-def test_2d_rope_cached_sampling_matches_teacher_forcing(grid_rope_pipe):
-    """The sampler feeds one image token at a time; with 2-D RoPE its positions must be the ones a
-    whole sequence gets (`rope_positions`), for codes (generation) and for image features (chat)."""
-    pipe = grid_rope_pipe
-    assert pipe.cfg.decoder.rope_2d_images  # saved and loaded with the checkpoint
-    prompt = pipe.tokenizer.encode(janus.processing.chat.generation_prompt("a red circle", pipe.cfg.roles))
-    codes, loglik = generate_image_codes(pipe.model, [prompt] * 2, pipe.tokenizer.pad_id, 3.0, Sampling(1.0), torch.Generator().manual_seed(0), with_loglik=True)
-    assert torch.allclose(loglik, pipe.image_loglik("a red circle", codes), atol=1e-4)
-    assert torch.allclose(loglik, _conditional_loglik(pipe, "a red circle", codes), atol=1e-4)
-
-    conversation = [{"role": "user", "content": f"{IMAGE_TOKEN}\nwhat colour is it?"}, {"role": "assistant", "content": "x"}]
-    image = Image.new("RGB", (40, 30), (200, 30, 30))
-    sample = build_sample(Record("understanding", {"conversation": conversation}, [image], "test"), pipe.tokenizer, pipe.cfg.roles, pipe.cfg, None, random.Random(0))
-    length = int((sample.targets != IGNORE).nonzero()[0, 0]) + 1  # the prompt, up to the answer's first token
-    tokens, image_mask = sample.tokens[None, :length], sample.image_mask[None, :length]
-    answer = list(janus.sampling.generate_text(pipe.model, tokens, image_mask, sample.pixels, 6, None, Sampling(0.0)))
-    full = torch.cat([tokens, torch.tensor([answer])], 1)
-    with torch.no_grad():
-        hidden = pipe.model(full, torch.cat([image_mask, torch.zeros(1, len(answer), dtype=torch.bool)], 1), sample.pixels)
-    assert pipe.model.text_logits(hidden[0, length - 1 : -1]).argmax(-1).tolist() == answer

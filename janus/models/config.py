@@ -55,16 +55,10 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     max_seq_len: int = 4096
-    # Image tokens also rotate by their column-major index (2-D RoPE, unified.rope_positions); Janus: off.
-    rope_2d_images: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    def require_1d_rope(self, layout: str) -> None:
-        if self.rope_2d_images:
-            raise ConfigError(f"the {layout} layout has no 2-D RoPE for image tokens (rope_2d_images); save this model in the native layout")
 
     def validate(self) -> None:
         if self.dim % self.n_heads:
@@ -219,7 +213,6 @@ class JanusConfig:
 
     def to_official(self) -> dict[str, Any]:
         dec, vis, vq = self.decoder, self.vision, self.vq
-        dec.require_1d_rope("official")
 
         def mlp(name: str, input_dim: int) -> dict[str, Any]:
             params = {"depth": 2, "input_dim": input_dim, "n_embed": dec.dim, "projector_type": "mlp_gelu"}
@@ -329,7 +322,6 @@ class JanusConfig:
 
     def to_transformers(self, image_token_id: int) -> dict[str, Any]:
         dec, vis, vq = self.decoder, self.vision, self.vq
-        dec.require_1d_rope("transformers")
         if vq.grid_size != vis.image_size // vis.patch_size:
             raise ConfigError(
                 "the transformers layout ties the VQ grid to the vision grid: "

@@ -37,16 +37,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin [B, 1, T, head_dim] for the given positions [B, T] (half-split layout, as Llama).
-
-    Positions [B, T, 2] give two axes: frequency pair j rotates by axis j % 2, so each axis keeps the
-    whole range of frequencies (2-D RoPE for image tokens; text tokens have equal axes).
-    """
+    """cos/sin [B, 1, T, head_dim] for the given positions [B, T] (half-split layout, as Llama)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    if positions.dim() == 3:
-        freqs = positions[..., torch.arange(head_dim // 2, device=positions.device) % 2].float() * inv_freq
-    else:
-        freqs = positions[..., None].float() * inv_freq
+    freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -172,9 +165,9 @@ class Decoder(nn.Module):
         """Hidden states after the final norm.
 
         x: [B, T, dim] input embeddings; positions: [B, T] RoPE positions (per row, so left-padded rows
-        start at 0 on their first real token), or [B, T, 2] (see `rope_tables`); mask: bool [B, 1, T, S],
-        True where attention is allowed (S = T without cache, else the number of cache slots read), or
-        the `Documents` of packed rows; cache_pos: [T] cache slots to write.
+        start at 0 on their first real token); mask: bool [B, 1, T, S], True where attention is allowed
+        (S = T without cache, else the number of cache slots read), or the `Documents` of packed rows;
+        cache_pos: [T] cache slots to write.
         """
         if cache_pos is not None and (mask is None or self.layers[0].self_attn.cache is None):
             raise ValueError("cached decoding needs setup_cache() and an explicit mask")

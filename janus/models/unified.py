@@ -6,7 +6,6 @@ Generation: VQ codes -> gen_embed -> generation adaptor -> decoder inputs; decod
 
 from __future__ import annotations
 
-from math import isqrt
 from typing import NamedTuple
 
 import torch
@@ -21,23 +20,6 @@ from .siglip import build_siglip
 from .vq import VQModel
 
 IGNORE = -100  # target value that takes no loss
-
-
-def grid_positions(positions: Tensor, index: Tensor, side: int) -> Tensor:
-    """2-D RoPE positions [..., 2] of image tokens: the `index`-th token (row-major) of a side x side
-    grid, at sequence positions `positions`, keeps that position on the first axis; the second is
-    the position it would have in column-major order. Their differences between two tokens of one
-    image determine the rows and the columns apart, which 1-D positions leave for the model to work
-    out (index mod side)."""
-    row, column = index // side, index % side
-    return torch.stack((positions, positions - index + column * side + row), dim=-1)
-
-
-def run_index(mask: Tensor) -> Tensor:
-    """For bool [B, T]: each True position's index within its run of consecutive Trues (-1 elsewhere)."""
-    count = mask.long().cumsum(-1)
-    before = torch.where(mask, 0, count).cummax(-1).values
-    return torch.where(mask, count - before - 1, -1)
 
 
 class LossOutput(NamedTuple):
@@ -113,26 +95,7 @@ class JanusModel(nn.Module):
         h = self.embed(tokens, image_mask, pixels, code_mask)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        return self.decoder(h, self.rope_positions(positions, image_mask, code_mask), mask)
-
-    def rope_positions(self, positions: Tensor, image_mask: Tensor | None = None, code_mask: Tensor | None = None) -> Tensor:
-        """The decoder's RoPE positions for a sequence with 1-D `positions` [B, T]: as given, or with
-        `rope_2d_images` [B, T, 2], where every run of understanding placeholders (`image_mask`) or
-        VQ codes (`code_mask`) is one image's grid (`grid_positions`) and text has equal axes."""
-        if not self.cfg.decoder.rope_2d_images:
-            return positions
-        out = torch.stack((positions, positions), dim=-1)
-        sides = (self.cfg.vision.image_size // self.cfg.vision.patch_size, isqrt(self.cfg.vq.num_tokens))
-        for mask, side in zip((image_mask, code_mask), sides):
-            if mask is not None:
-                out = torch.where(mask[..., None], grid_positions(positions, run_index(mask), side), out)
-        return out
-
-    def code_positions(self, positions: Tensor, index: int) -> Tensor:
-        """RoPE positions for feeding the `index`-th VQ code of images at 1-D `positions` [B]."""
-        if not self.cfg.decoder.rope_2d_images:
-            return positions
-        return grid_positions(positions, torch.full_like(positions, index), isqrt(self.cfg.vq.num_tokens))
+        return self.decoder(h, positions, mask)
 
     def text_logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.lm_head(hidden)
