@@ -40,6 +40,7 @@ from janus.eval.shapes_eval import (
     category_prompts,
     evaluate_generation,
     evaluate_understanding,
+    format_report,
     heldout_prompts,
     normalise_answer,
     pope_metrics,
@@ -178,6 +179,32 @@ def test_perfect_model_scores_one():
     assert all(v["questions"] == 6 for v in understanding["vqa"].values())
     for p in understanding["pope"].values():
         assert p["accuracy"] == 1.0 and p["f1"] == 1.0 and p["yes_ratio"] == 0.5
+
+
+class SideBySideSwappedModel(PerfectModel):
+    """Draws "X left of Y" as X right of Y (and the reverse); everything else as the prompt says."""
+
+    SWAPPED = {"left of": "right of", "right of": "left of"}
+
+    def generate_image(self, prompts, n, cfg_weight, temperature, seed, candidates, rank_by):
+        rng = random.Random(seed)
+        wanted = [self.prompts[p] for p in prompts]
+        drawn = [dataclasses.replace(d, relation=self.SWAPPED.get(d.relation, d.relation)) for d in wanted]
+        return [render(scene_for(d, rng), 64) for d in drawn for _ in range(n)]
+
+
+def test_position_accuracy_is_reported_by_axis():
+    categories = evaluate_generation(SideBySideSwappedModel(per_type=1), per_category=20, k=2)["categories"]
+    position = categories["position"]
+    by_axis = position["by_axis"]
+    assert set(by_axis) == {"above/below", "left/right"} and [c for c in categories if "by_axis" in categories[c]] == ["position"]
+    assert by_axis["above/below"]["accuracy"] == 1.0 and by_axis["left/right"]["accuracy"] == 0.0
+    assert by_axis["above/below"]["images"] + by_axis["left/right"]["images"] == position["images"] == 40
+    assert position["correct"] == by_axis["above/below"]["correct"] > 0
+    report = format_report({"settings": {"per_category": 20, "k": 2}, "generation": {"overall": 0.0, "categories": categories},
+                            "understanding": {"vqa": {}, "vqa_overall": 0.0, "pope": {}},
+                            "text": {"perplexity": 1.0, "nll_per_token": 0.0, "captions": 0}})
+    assert f"left/right    0.000  (0/{by_axis['left/right']['images']})" in report
 
 
 def _in_unit_range(value) -> bool:
