@@ -48,8 +48,9 @@ from janus.pipeline import Janus
 GEN_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 VQA_TYPES = ("colour", "shape", "count", "position", "relation", "size")
 EVAL_SEED = 1000
-# Raster order draws objects side by side in turns, one above the other one after the other, and
-# models find the first much harder (docs/default_model.md, "Side by side"): reported apart.
+# In raster order, objects side by side are drawn in turns, row by row, and stacked ones one after the
+# other; models find the first much harder (docs/default_model.md, "Side by side"), so position
+# accuracy is also reported per axis.
 RELATION_AXES = {"left of": "left/right", "right of": "left/right", "above": "above/below", "below": "above/below"}
 MAX_ANSWER_TOKENS = 8  # every answer is one or two words
 
