@@ -86,6 +86,10 @@ def heldout_prompts(category: str, n: int, seed: int = EVAL_SEED) -> list[Descri
 # ---------------------------------------------------------------- generation
 
 
+def _tally(correct: int, images: int) -> dict:
+    return {"accuracy": correct / images, "correct": correct, "images": images}
+
+
 def evaluate_generation(
     model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None,
     candidates: int = 1, rank_by: str = "likelihood",
@@ -111,18 +115,13 @@ def evaluate_generation(
             per_prompt.append({"prompt": prompt.text(), "correct": correct, "images": k})
             if prompt.relation is not None:
                 by_axis.setdefault(RELATION_AXES[prompt.relation], Counter()).update(correct=correct, images=k)
-        total = sum(p["correct"] for p in per_prompt)
         categories[category] = {
-            "accuracy": total / (k * len(prompts)),
-            "correct": total,
-            "images": k * len(prompts),
+            **_tally(sum(p["correct"] for p in per_prompt), k * len(prompts)),
             "failed_clauses": dict(sorted(failures.items())),  # images failing each kind of clause
             "prompts": per_prompt,
         }
         if by_axis:
-            categories[category]["by_axis"] = {
-                axis: {"accuracy": c["correct"] / c["images"], "correct": c["correct"], "images": c["images"]} for axis, c in sorted(by_axis.items())
-            }
+            categories[category]["by_axis"] = {axis: _tally(c["correct"], c["images"]) for axis, c in sorted(by_axis.items())}
     overall = sum(c["accuracy"] for c in categories.values()) / len(categories)  # GenEval: mean over categories
     return {"overall": overall, "categories": categories}
 
