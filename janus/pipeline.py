@@ -215,47 +215,60 @@ class Janus:
         logp = self.model.image_logits(hidden).float().log_softmax(-1)
         return logp.gather(2, codes[..., None])[..., 0].sum(1).cpu()
 
-    @torch.no_grad()
     def image_match(self, prompt: str, images: Sequence[ImageInput], batch_size: int = 16) -> torch.Tensor:
         """The model's judgement of whether each image shows `prompt`: log P(yes) - log P(no) of its
         answer to MATCH_QUESTION (a VQAScore-style question), float32 [len(images)]; > 0 means yes.
-
-        Each answer's probability sums its writings in YES_ANSWERS / NO_ANSWERS; an answer's tokens are
-        scored whole (teacher-forced), as a tokenizer may split "yes" into pieces."""
+        Each answer's probability sums its writings in YES_ANSWERS / NO_ANSWERS."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
+        logp = self.answer_logprobs(MATCH_QUESTION.format(prompt), [*YES_ANSWERS, *NO_ANSWERS], images, batch_size)
+        return logp[:, : len(YES_ANSWERS)].logsumexp(1) - logp[:, len(YES_ANSWERS) :].logsumexp(1)
+
+    @torch.no_grad()
+    def answer_logprobs(self, question: str, answers: Sequence[str], images: Sequence[ImageInput], batch_size: int = 16) -> torch.Tensor:
+        """log P(answer | image, question) for each image and answer, float32 [len(images), len(answers)].
+
+        Each answer is scored whole, teacher-forced after the chat prompt that asks `question` about one
+        image, as " " + answer (a tokenizer may split a word into pieces); the end of the answer is not
+        scored, so this is the probability that the reply starts with it."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError("answers must be a non-empty list of non-empty strings")
         images = [load_image(im) for im in images]
         if not images:
-            raise ValueError("image_match needs at least one image")
-        tokens, _ = self._chat_inputs([{"role": "user", "content": MATCH_QUESTION.format(prompt), "images": images[:1]}])
-        answers = [self.tokenizer.encode(f" {a}", bos=False) for a in (*YES_ANSWERS, *NO_ANSWERS)]
-        width = tokens.shape[1] + max(map(len, answers))
+            raise ValueError("answer_logprobs needs at least one image")
+        tokens, _ = self._chat_inputs([{"role": "user", "content": question, "images": images[:1]}])
+        answer_ids = [self.tokenizer.encode(f" {a}", bos=False) for a in answers]
+        width = tokens.shape[1] + max(map(len, answer_ids))
         if width > self.cfg.decoder.max_seq_len:
-            raise ValueError(f"prompt too long: the question takes {width} positions, the model allows {self.cfg.decoder.max_seq_len}")
-        # One row per (image, answer): the question, then the answer, padded on the right (causal
-        # attention keeps the padding out of every scored position).
+            raise ValueError(f"question too long: it takes {width} positions, the model allows {self.cfg.decoder.max_seq_len}")
+        # One row per answer: the question, then the answer, padded on the right (causal attention keeps
+        # the padding out of every scored position).
         rows = torch.full((len(answers), width), self.tokenizer.pad_id, device=self.device)
         scored = torch.zeros(len(answers), width - 1, dtype=torch.bool, device=self.device)
-        for j, answer in enumerate(answers):
-            end = tokens.shape[1] + len(answer)
-            rows[j, : tokens.shape[1]] = tokens[0]
-            rows[j, tokens.shape[1] : end] = torch.tensor(answer, device=self.device)
-            scored[j, tokens.shape[1] - 1 : end - 1] = True
-        image_mask = rows == self.tokenizer.image_id
+        rows[:, : tokens.shape[1]] = tokens[0]
+        for j, ids in enumerate(answer_ids):
+            rows[j, tokens.shape[1] : tokens.shape[1] + len(ids)] = torch.tensor(ids, device=self.device)
+            scored[j, tokens.shape[1] - 1 : tokens.shape[1] + len(ids) - 1] = True
+        question_mask = tokens == self.tokenizer.image_id
+        answer_embeds = self.model.embed(rows[:, tokens.shape[1] :])
+        positions = torch.arange(width, device=self.device)
         scores = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pixels = preprocess_understanding(chunk, self.cfg.vision.image_size).to(self.device)
-            batch = rows.repeat(len(chunk), 1)
-            hidden = self.model(batch, image_mask.repeat(len(chunk), 1), pixels.repeat_interleave(len(answers), 0))
+            # The encoder and the question's embedding run once per image; each answer row reuses them.
+            asked = self.model.embed(tokens.expand(len(chunk), -1), question_mask.expand(len(chunk), -1), pixels)
+            h = torch.cat([asked.repeat_interleave(len(answers), 0), answer_embeds.repeat(len(chunk), 1, 1).to(asked.dtype)], 1)
+            hidden = self.model.decoder(h, positions.expand(len(h), -1))
             # The head runs on the answers' positions only: at a large vocabulary, all logits are gigabytes.
             where = scored.repeat(len(chunk), 1)
+            targets = rows.repeat(len(chunk), 1)[:, 1:][where]
             logits = self.model.text_logits(hidden[:, :-1][where])[:, : self.tokenizer.vocab_size].float()
-            token_logp = logits.log_softmax(-1).gather(1, batch[:, 1:][where][:, None])[:, 0]
-            row = torch.arange(len(batch), device=self.device)[:, None].expand_as(where)[where]
-            answer_logp = token_logp.new_zeros(len(batch)).index_add_(0, row, token_logp).view(len(chunk), len(answers))
-            yes, no = answer_logp[:, : len(YES_ANSWERS)], answer_logp[:, len(YES_ANSWERS) :]
-            scores.append(yes.logsumexp(1) - no.logsumexp(1))
+            token_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+            row = torch.arange(len(h), device=self.device)[:, None].expand_as(where)[where]
+            scores.append(token_logp.new_zeros(len(h)).index_add_(0, row, token_logp).view(len(chunk), len(answers)))
         return torch.cat(scores).cpu()
 
     def _images_per_batch(self, seq_len: int, guided: bool) -> int:

@@ -71,10 +71,10 @@ def test_candidates_keep_the_most_likely_of_each_run(pipe):
         pipe.generate_image_tokens("a red circle", candidates=2, rank_by="clip")
 
 
-def _answer_logprob(pipe, prompt: str, image: Image.Image, answer: str) -> float:
-    """log P(answer) to MATCH_QUESTION about the image, as training scores it: the answer's tokens (its
+def _answer_logprob(pipe, question: str, image: Image.Image, answer: str) -> float:
+    """log P(answer) to the question about the image, as training scores it: the answer's tokens (its
     end token left out) in the sequence the training data builder makes of that conversation."""
-    conversation = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{MATCH_QUESTION.format(prompt)}"}, {"role": "assistant", "content": answer}]
+    conversation = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}, {"role": "assistant", "content": answer}]
     record = Record("understanding", {"conversation": conversation}, [image], "test")
     sample = build_sample(record, pipe.tokenizer, pipe.cfg.roles, pipe.cfg, None, random.Random(0))
     with torch.no_grad():
@@ -88,12 +88,25 @@ def test_image_match_is_the_log_odds_of_yes_against_no(pipe):
     images = pipe.generate_image("a red circle", n=3, seed=0)
     scores = pipe.image_match("a red circle", images, batch_size=2)
     for image, score in zip(images, scores):
-        logp = {a: _answer_logprob(pipe, "a red circle", image, a) for a in ("yes", "Yes", "no", "No")}
+        logp = {a: _answer_logprob(pipe, MATCH_QUESTION.format("a red circle"), image, a) for a in ("yes", "Yes", "no", "No")}
         expected = math.log(math.exp(logp["yes"]) + math.exp(logp["Yes"])) - math.log(math.exp(logp["no"]) + math.exp(logp["No"]))
         assert float(score) == pytest.approx(expected, abs=1e-4)
     assert float(scores.max() - scores.min()) > 1e-4  # the images are told apart
     with pytest.raises(ValueError, match="at least one image"):
         pipe.image_match("a red circle", [])
+
+
+def test_answer_logprobs_score_each_answer_whole(pipe):
+    images = pipe.generate_image("two blue squares", n=3, seed=1)
+    answers = ["two", "three", "a small red circle to the left of a star"]
+    assert len({len(pipe.tokenizer.encode(f" {a}", bos=False)) for a in answers}) > 1  # rows of different widths
+    logp = pipe.answer_logprobs("How many squares are there?", answers, images, batch_size=2)
+    assert logp.shape == (3, 3)
+    for image, row in zip(images, logp):
+        for answer, value in zip(answers, row):
+            assert float(value) == pytest.approx(_answer_logprob(pipe, "How many squares are there?", image, answer), abs=1e-4)
+    with pytest.raises(ValueError, match="answers must be"):
+        pipe.answer_logprobs("How many squares are there?", ["two", ""], images)
 
 
 def test_candidates_ranked_by_match_keep_each_runs_best_judged(pipe):
