@@ -239,36 +239,34 @@ class Janus:
         if not images:
             raise ValueError("answer_logprobs needs at least one image")
         tokens, _ = self._chat_inputs([{"role": "user", "content": question, "images": images[:1]}])
-        answer_ids = [self.tokenizer.encode(f" {a}", bos=False) for a in answers]
-        width = tokens.shape[1] + max(map(len, answer_ids))
-        if width > self.cfg.decoder.max_seq_len:
-            raise ValueError(f"question too long: it takes {width} positions, the model allows {self.cfg.decoder.max_seq_len}")
-        # One row per answer: the question, then the answer, padded on the right (causal attention keeps
-        # the padding out of every scored position).
-        rows = torch.full((len(answers), width), self.tokenizer.pad_id, device=self.device)
-        scored = torch.zeros(len(answers), width - 1, dtype=torch.bool, device=self.device)
-        rows[:, : tokens.shape[1]] = tokens[0]
-        for j, ids in enumerate(answer_ids):
-            rows[j, tokens.shape[1] : tokens.shape[1] + len(ids)] = torch.tensor(ids, device=self.device)
-            scored[j, tokens.shape[1] - 1 : tokens.shape[1] + len(ids) - 1] = True
-        question_mask = tokens == self.tokenizer.image_id
-        answer_embeds = self.model.embed(rows[:, tokens.shape[1] :])
-        positions = torch.arange(width, device=self.device)
+        asked = tokens.shape[1]
+        answer_ids = [torch.tensor(self.tokenizer.encode(f" {a}", bos=False), device=self.device) for a in answers]
+        if asked + max(map(len, answer_ids)) > self.cfg.decoder.max_seq_len:
+            raise ValueError(f"question too long: it and an answer take more than the model's {self.cfg.decoder.max_seq_len} positions")
+        # One row per image: the question, then every answer after it. Each answer sees the question and
+        # its own earlier tokens and sits at the positions it would have alone, so one pass scores all
+        # answers exactly as separate rows would, at the cost of the question once.
+        row = torch.cat([tokens[0], *answer_ids])
+        owner = torch.cat([torch.full((asked,), -1, device=self.device), *(torch.full_like(ids, j) for j, ids in enumerate(answer_ids))])
+        positions = torch.cat([torch.arange(asked, device=self.device), *(asked + torch.arange(len(ids), device=self.device) for ids in answer_ids)])
+        slot = torch.arange(len(row), device=self.device)
+        visible = (slot[None, :] <= slot[:, None]) & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+        # Each answer token is predicted by its previous token, an answer's first by the question's end.
+        predictor = slot[asked:] - 1
+        first = torch.tensor([0, *map(len, answer_ids[:-1])], device=self.device).cumsum(0)
+        predictor[first] = asked - 1
+        targets, answer_of = torch.cat(answer_ids), owner[asked:]
+        image_mask = row == self.tokenizer.image_id
         scores = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pixels = preprocess_understanding(chunk, self.cfg.vision.image_size).to(self.device)
-            # The encoder and the question's embedding run once per image; each answer row reuses them.
-            asked = self.model.embed(tokens.expand(len(chunk), -1), question_mask.expand(len(chunk), -1), pixels)
-            h = torch.cat([asked.repeat_interleave(len(answers), 0), answer_embeds.repeat(len(chunk), 1, 1).to(asked.dtype)], 1)
-            hidden = self.model.decoder(h, positions.expand(len(h), -1))
-            # The head runs on the answers' positions only: at a large vocabulary, all logits are gigabytes.
-            where = scored.repeat(len(chunk), 1)
-            targets = rows.repeat(len(chunk), 1)[:, 1:][where]
-            logits = self.model.text_logits(hidden[:, :-1][where])[:, : self.tokenizer.vocab_size].float()
-            token_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-            row = torch.arange(len(h), device=self.device)[:, None].expand_as(where)[where]
-            scores.append(token_logp.new_zeros(len(h)).index_add_(0, row, token_logp).view(len(chunk), len(answers)))
+            n = len(chunk)
+            hidden = self.model(row.expand(n, -1), image_mask.expand(n, -1), pixels, positions=positions.expand(n, -1), mask=visible.expand(n, 1, -1, -1))
+            # The head runs on the predicting positions only: at a large vocabulary, all logits are gigabytes.
+            logp = self.model.text_logits(hidden[:, predictor])[..., : self.tokenizer.vocab_size].float().log_softmax(-1)
+            token_logp = logp.gather(2, targets.expand(n, -1)[..., None])[..., 0]
+            scores.append(token_logp.new_zeros(n, len(answers)).index_add_(1, answer_of, token_logp))
         return torch.cat(scores).cpu()
 
     def _images_per_batch(self, seq_len: int, guided: bool) -> int:
