@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from janus.data import read_records
+from janus.eval.shapes_eval import GEN_CATEGORIES, category_prompts
 from janus.processing.chat import MATCH_QUESTION
 from janus.processing.tokenizer import IMAGE_TOKEN
 from janus.data.shapes import (
+    ANSWER_OPTIONS,
     BACKGROUND,
     COUNT_WORDS,
     GAP,
@@ -25,14 +27,17 @@ from janus.data.shapes import (
     RELATION_ANSWERS,
     Scene,
     caption,
+    clause_questions,
     failed_clauses,
     falsified,
     has_heldout_pair,
     match_question,
     merge_conversations,
+    parse_description,
     plural,
     region,
     relation,
+    relation_is_clear,
     render,
     sample_scene,
     scene_questions,
@@ -157,9 +162,42 @@ def _objects(scene, colour=None, shape=None):
 
 
 def _named(scene, name):
+    """The one object of that colour and shape, else None."""
     colour, shape = name.split()
-    (obj,) = _objects(scene, colour, shape)
-    return obj
+    matching = _objects(scene, colour, shape)
+    return matching[0] if len(matching) == 1 else None
+
+
+def _true_answer(scene, qa):
+    """The answer to a question recomputed from its words and the scene's objects; None when the
+    question does not apply (it names nothing, or something ambiguous)."""
+    q = qa.question
+    if qa.type == "colour":
+        shape = re.match(r"What colour (?:is|are) the (\w+)\?", q).group(1)
+        colours = {o.colour for o in scene.objects if shape in (o.shape, plural(o.shape))}
+        return colours.pop() if len(colours) == 1 else None
+    if qa.type == "shape":
+        colour = re.match(r"What shape (?:is|are) the (\w+) object", q).group(1)
+        shapes = {o.shape for o in _objects(scene, colour)}
+        return shapes.pop() if len(shapes) == 1 else None
+    if qa.type == "count":
+        what = re.match(r"How many (.+) are there\?", q).group(1)
+        if what == "objects":
+            return COUNT_WORDS[len(scene.objects)]
+        if what.endswith(" objects"):
+            return COUNT_WORDS[len(_objects(scene, colour=what.split()[0]))]
+        return COUNT_WORDS[sum(plural(o.shape) == what for o in scene.objects)]
+    if qa.type == "position":
+        obj = _named(scene, re.match(r"Where is the (\w+ \w+) in the image\?", q).group(1))
+        return region(obj) if obj else None
+    if qa.type == "relation":
+        a, b = (_named(scene, name) for name in re.match(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?", q).groups())
+        return RELATION_ANSWERS[relation(a, b)] if a and b and relation_is_clear(a, b) else None
+    if qa.type == "size":
+        obj = _named(scene, re.match(r"Is the (\w+ \w+) small", q).group(1))
+        return obj.size if obj else None
+    colour, shape = re.match(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+    return "yes" if _objects(scene, colour, shape) else "no"
 
 
 def test_questions_agree_with_the_scene():
@@ -168,39 +206,13 @@ def test_questions_agree_with_the_scene():
     for i, scene in enumerate(SCENES):
         for qa in scene_questions(scene, scene_rng(4, "questions", i), 12, per_type=3):
             seen[qa.type, qa.negative] += 1
-            q = qa.question
-            if qa.type == "colour":
-                shape = re.match(r"What colour (?:is|are) the (\w+)\?", q).group(1)
-                matching = [o for o in scene.objects if shape in (o.shape, plural(o.shape))]
-                assert matching and {o.colour for o in matching} == {qa.answer}
-            elif qa.type == "shape":
-                colour = re.match(r"What shape (?:is|are) the (\w+) object", q).group(1)
-                assert {o.shape for o in _objects(scene, colour)} == {qa.answer}
-            elif qa.type == "count":
-                what = re.match(r"How many (.+) are there\?", q).group(1)
-                if what == "objects":
-                    expected = len(scene.objects)
-                elif what.endswith(" objects"):
-                    expected = len(_objects(scene, colour=what.split()[0]))
-                else:
-                    expected = sum(plural(o.shape) == what for o in scene.objects)
-                assert qa.answer == COUNT_WORDS[expected]
-            elif qa.type == "position":
-                obj = _named(scene, re.match(r"Where is the (\w+ \w+) in the image\?", q).group(1))
-                assert qa.answer == region(obj)
-            elif qa.type == "relation":
-                a, b = re.match(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?", q).groups()
-                assert qa.answer == RELATION_ANSWERS[relation(_named(scene, a), _named(scene, b))]
-            elif qa.type == "size":
-                assert qa.answer == _named(scene, re.match(r"Is the (\w+ \w+) small", q).group(1)).size
-            else:
-                colour, shape = re.match(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
-                present = bool(_objects(scene, colour, shape))
-                assert qa.answer == ("yes" if present else "no")
-                if qa.negative == "adversarial":
-                    assert bool(_objects(scene, colour=colour)) != bool(_objects(scene, shape=shape))
-                if qa.negative == "binding":
-                    assert _objects(scene, colour=colour) and _objects(scene, shape=shape)
+            assert qa.answer == _true_answer(scene, qa)
+            if qa.type == "existence" and qa.negative == "adversarial":
+                colour, shape = re.match(r"Is there an? (\w+) (\w+) in the image\?", qa.question).groups()
+                assert bool(_objects(scene, colour=colour)) != bool(_objects(scene, shape=shape))
+            if qa.type == "existence" and qa.negative == "binding":
+                colour, shape = re.match(r"Is there an? (\w+) (\w+) in the image\?", qa.question).groups()
+                assert _objects(scene, colour=colour) and _objects(scene, shape=shape)
     assert {t for t, _ in seen} == {"colour", "shape", "count", "position", "relation", "size", "existence"}
     assert {n for _, n in seen} == {None, "random", "adversarial", "binding"}
     yes, no = sum(v for (t, n), v in seen.items() if t == "existence" and n is None), sum(v for (_, n), v in seen.items() if n)
@@ -278,6 +290,49 @@ def test_write_dataset_adds_match_questions_among_the_others(tmp_path):
     assert len(places) > 3  # not always at the end of a scene's questions
     plain = write_dataset(tmp_path / "plain", 30, seed=2, resolution=32, splits={"train": 1.0})
     assert MATCH_QUESTION.split("{")[0] not in plain["train"]["understanding"].read_text()
+
+
+def test_clause_questions_hold_for_a_true_description_and_catch_a_false_one():
+    """Asked of a scene, the questions of a caption of it are answered as they expect; those of a caption
+    falsified by one edit are not, unless the edit changed sizes only (which they do not ask about)."""
+    caught = Counter()
+    for i, scene in enumerate(SCENES):
+        rng = scene_rng(6, "clauses", i)
+        true = caption(scene, rng)
+        for qa in clause_questions(true):
+            assert qa.answer in ANSWER_OPTIONS[qa.type]
+            assert qa.answer == _true_answer(scene, qa), (true, qa)
+        false = falsified(true, list(scene.objects), rng)
+        found = any(qa.answer != _true_answer(scene, qa) for qa in clause_questions(false))
+        caught[_edit_kind(true, false), found] += 1
+        if not found:
+            unsized = [(Counter((spec.shape, spec.colour) for spec in d.objects), d.relation) for d in (true, false)]
+            assert unsized[0] == unsized[1], (true, false)
+    assert {kind for kind, found in caught if found} == {"shape", "colour", "swap", "count", "relation"}
+    assert sum(n for (kind, found), n in caught.items() if not found) < 0.1 * len(SCENES)
+
+
+def test_parse_description_reads_prompts_and_captions_back():
+    for category in GEN_CATEGORIES:
+        for prompt in category_prompts(category):
+            parsed = parse_description(prompt.text())
+            assert (parsed.objects, parsed.relation) == (prompt.objects, prompt.relation)
+    for i, scene in enumerate(SCENES):
+        rng = scene_rng(7, "captions", i)
+        described = caption(scene, rng)
+        parsed = parse_description(described.text(rng).capitalize() + ".")
+        assert parsed.relation == described.relation
+        assert Counter(parsed.objects) == Counter(described.objects)  # text groups equal objects
+        if described.relation:
+            assert parsed.objects == described.objects
+    for text, problem in [
+        ("a dog", "cannot read 'a dog'"),
+        ("three red circle", "cannot read 'three red circle'"),
+        ("a red circle left of two squares", "between two single objects"),
+        ("", "cannot read ''"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            parse_description(text)
 
 
 def test_scene_text_mentions_every_object():

@@ -309,6 +309,40 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def parse_description(text: str) -> Description:
+    """The description that `text` words as `Description.text` does: a prompt, or a training caption with
+    its prefix and relation wording. Its category is "parsed". Raises ValueError for other text."""
+    words = " ".join(text.lower().replace(",", " , ").split()).removesuffix(".").strip()
+    for prefix in CAPTION_PREFIXES:
+        if prefix and words.startswith(prefix):
+            words = words[len(prefix) :]
+    wordings = sorted(((w, r) for r, ws in RELATION_WORDS.items() for w in ws), key=lambda item: -len(item[0]))
+    for wording, relation_ in wordings:
+        first, found, second = words.partition(f" {wording} ")
+        if found:
+            objects = _parse_phrase(first, text) + _parse_phrase(second, text)
+            if len(objects) != 2:
+                raise ValueError(f"{text!r}: a relation must be between two single objects")
+            return Description("parsed", tuple(objects), relation_)
+    phrases = [p for part in words.split(" , ") for p in part.split(" and ")]
+    return Description("parsed", tuple(spec for phrase in phrases for spec in _parse_phrase(phrase, text)))
+
+
+def _parse_phrase(phrase: str, text: str) -> list[ObjectSpec]:
+    """ "two small red circles" -> two ObjectSpecs (the inverse of _phrase)."""
+    words = phrase.split()
+    count = 1 if words[:1] in (["a"], ["an"]) else COUNT_WORDS.index(words[0]) if words[:1] and words[0] in COUNT_WORDS[2:] else 0
+    size = words[1] if len(words) > 2 and words[1] in SIZES else None
+    colour = words[-2] if len(words) > 1 and words[-2] in PALETTE else None
+    shapes = {(plural(s) if count > 1 else s): s for s in SHAPES}
+    if not count or words[-1] not in shapes or len(words) != 2 + (size is not None) + (colour is not None):
+        raise ValueError(
+            f"{text!r}: cannot read {phrase!r} as objects; expected a count (a, an, two, ...), optionally a size "
+            f"({', '.join(SIZES)}) and a colour ({', '.join(COLOURS)}), then a shape ({', '.join(SHAPES)}; plural after a number)"
+        )
+    return [ObjectSpec(shapes[words[-1]], colour, size)] * count
+
+
 def failed_clauses(description: Description, objects: list[Located]) -> list[str]:
     """The clauses of `description` that `objects` break, as "clause: detail"; empty when it holds.
 
@@ -404,6 +438,23 @@ def question(scene: Scene, kind: str, rng: random.Random, answer_yes: bool | Non
     return _ASK[kind](scene, rng)
 
 
+# The wording of questions, shared by the training questions and clause_questions.
+def _how_many(what: str) -> str:
+    return f"How many {what} are there?"
+
+
+def _what_colour(shape: str, count: int) -> str:
+    return f"What colour is the {shape}?" if count == 1 else f"What colour are the {plural(shape)}?"
+
+
+def _what_shape(colour: str, count: int) -> str:
+    return f"What shape is the {colour} object?" if count == 1 else f"What shape are the {colour} objects?"
+
+
+def _where_relative(a: str, b: str) -> str:
+    return f"Where is the {a} relative to the {b}?"
+
+
 def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
     objects = scene.objects
     shapes = sorted({o.shape for o in objects if len({p.colour for p in objects if p.shape == o.shape}) == 1})
@@ -411,8 +462,7 @@ def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
         return None
     shape = rng.choice(shapes)
     same = [o for o in objects if o.shape == shape]
-    text = f"What colour is the {shape}?" if len(same) == 1 else f"What colour are the {plural(shape)}?"
-    return QA("colour", text, same[0].colour)
+    return QA("colour", _what_colour(shape, len(same)), same[0].colour)
 
 
 def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -422,21 +472,20 @@ def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
         return None
     colour = rng.choice(colours)
     same = [o for o in objects if o.colour == colour]
-    text = f"What shape is the {colour} object?" if len(same) == 1 else f"What shape are the {colour} objects?"
-    return QA("shape", text, same[0].shape)
+    return QA("shape", _what_shape(colour, len(same)), same[0].shape)
 
 
 def _count_question(scene: Scene, rng: random.Random) -> QA:
     objects = scene.objects
     target = rng.choice(("objects", "shape", "colour"))
     if target == "objects":
-        return QA("count", "How many objects are there?", COUNT_WORDS[len(objects)])
+        return QA("count", _how_many("objects"), COUNT_WORDS[len(objects)])
     # Mostly ask about what is there, sometimes about what is not (answer "zero").
     if target == "shape":
         shape = rng.choice([o.shape for o in objects]) if rng.random() < 0.8 else rng.choice(SHAPES)
-        return QA("count", f"How many {plural(shape)} are there?", COUNT_WORDS[sum(o.shape == shape for o in objects)])
+        return QA("count", _how_many(plural(shape)), COUNT_WORDS[sum(o.shape == shape for o in objects)])
     colour = rng.choice([o.colour for o in objects]) if rng.random() < 0.8 else rng.choice(COLOURS)
-    return QA("count", f"How many {colour} objects are there?", COUNT_WORDS[sum(o.colour == colour for o in objects)])
+    return QA("count", _how_many(f"{colour} objects"), COUNT_WORDS[sum(o.colour == colour for o in objects)])
 
 
 def _position_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -453,7 +502,7 @@ def _relation_question(scene: Scene, rng: random.Random) -> QA | None:
     if not pairs:
         return None
     a, b = rng.choice(pairs)
-    return QA("relation", f"Where is the {_name(a)} relative to the {_name(b)}?", RELATION_ANSWERS[relation(a, b)])
+    return QA("relation", _where_relative(_name(a), _name(b)), RELATION_ANSWERS[relation(a, b)])
 
 
 def _size_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -534,6 +583,45 @@ def falsified(description: Description, objects: list[Located], rng: random.Rand
         edited = Description(description.category, tuple(specs), relation_)
         if failed_clauses(edited, objects):
             return edited
+
+
+# The answers each type of clause question chooses among. Counts go one past a scene's most, since a
+# generated image may hold an extra fragment.
+ANSWER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "count": COUNT_WORDS[: MAX_OBJECTS + 2],
+    "colour": COLOURS,
+    "shape": SHAPES,
+    "relation": tuple(RELATION_ANSWERS.values()),
+}
+
+
+def clause_questions(description: Description) -> list[QA]:
+    """Questions, worded as the training questions, whose answers check the description's clauses
+    (as TIFA and DSG check a prompt by visual question answering): how many objects there are in all,
+    of each shape and of each colour; the colour of each shape, and the shape of each colour, that the
+    description gives a single value; and the relation. Each answer is one of ANSWER_OPTIONS[type].
+    Colours are asked about only when the description names every object's colour; sizes never."""
+    specs = description.objects
+    shapes = Counter(spec.shape for spec in specs)
+    questions = [QA("count", _how_many("objects"), COUNT_WORDS[len(specs)])]
+    questions += [QA("count", _how_many(plural(shape)), COUNT_WORDS[n]) for shape, n in shapes.items()]
+    if any(spec.colour is None for spec in specs):  # an object of any colour: counting by colour tells nothing
+        return questions
+    colours = Counter(spec.colour for spec in specs)
+    questions += [QA("count", _how_many(f"{colour} objects"), COUNT_WORDS[n]) for colour, n in colours.items()]
+    for shape, n in shapes.items():
+        on = {spec.colour for spec in specs if spec.shape == shape}
+        if len(on) == 1:
+            questions.append(QA("colour", _what_colour(shape, n), on.pop()))
+    for colour, n in colours.items():
+        of = {spec.shape for spec in specs if spec.colour == colour}
+        if len(of) == 1:
+            questions.append(QA("shape", _what_shape(colour, n), of.pop()))
+    if description.relation is not None:
+        first, second = (f"{spec.colour} {spec.shape}" for spec in specs)
+        if first != second:  # else "the red circle" would name either
+            questions.append(QA("relation", _where_relative(first, second), RELATION_ANSWERS[description.relation]))
+    return questions
 
 
 def scene_questions(scene: Scene, rng: random.Random, n: int, per_type: int = 1) -> list[QA]:
