@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 CFG_HELP = "classifier-free guidance weight (default: the checkpoint's guidance_scale in generation_config.json, else 5)"
 TEMPERATURE_HELP = "image sampling temperature, 0 greedy (default: the checkpoint's temperature in generation_config.json, else 1)"
 CANDIDATES_HELP = "draw this many images for each one kept, keeping the best by --rank-by (default 1)"
-RANKINGS = ("likelihood", "match")  # janus.pipeline.RANKINGS; not imported, as the CLI loads torch lazily
-RANK_HELP = "how candidates are ranked: likelihood (of their codes under the model; the default) or match (the model's yes/no judgement that the image shows the prompt, for models trained to give it)"
+RANK_CHOICES = ("likelihood", "match", "questions")  # janus.eval.clause_judge.RANK_CHOICES; not imported, as the CLI loads torch lazily
+RANK_HELP = (
+    "how candidates are ranked: likelihood (of their codes under the model; the default), match (the model's yes/no judgement "
+    "that the image shows the prompt, for models trained to give it) or questions (the model's answers to questions that check "
+    "each clause of a shapes-world prompt)"
+)
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -38,11 +42,16 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .data.shapes import parse_description
+    from .eval.clause_judge import ranking
+
+    if args.rank_by == "questions":
+        parse_description(args.prompt)  # a prompt the judge cannot read fails now, not after sampling
     model = _load(args)
     images = model.generate_image(
         args.prompt, n=args.n, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, progress=True, batch_size=args.batch_size, candidates=args.candidates,
-        rank_by=args.rank_by,
+        rank_by=ranking(model, args.rank_by),
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: as many as fit)")
     g.add_argument("--candidates", type=int, default=1, help=CANDIDATES_HELP)
-    g.add_argument("--rank-by", choices=RANKINGS, default="likelihood", help=RANK_HELP)
+    g.add_argument("--rank-by", choices=RANK_CHOICES, default="likelihood", help=RANK_HELP)
     model_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     shapes.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     shapes.add_argument("--candidates", type=int, default=1, help=CANDIDATES_HELP)
-    shapes.add_argument("--rank-by", choices=RANKINGS, default="likelihood", help=RANK_HELP)
+    shapes.add_argument("--rank-by", choices=RANK_CHOICES, default="likelihood", help=RANK_HELP)
     shapes.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     shapes.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto)")
     shapes.set_defaults(func=cmd_eval_shapes)

@@ -25,8 +25,10 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 # Sampling defaults of a checkpoint, as transformers keeps them: `guidance_scale` (the CFG weight) and
 # `temperature` of image generation.
 GENERATION_CONFIG = "generation_config.json"
-# How best-of-N generation picks among candidates (Janus.generate_image_tokens).
+# How best-of-N generation picks among candidates by name (Janus.generate_image_tokens), besides a
+# judge of the caller's: a function (prompt, images) -> one score per image, higher better.
 RANKINGS = ("likelihood", "match")
+Judge = Callable[[str, list[Image.Image]], torch.Tensor]
 # The answers image_match weighs, in both cases, as models trained on human data write them.
 YES_ANSWERS, NO_ANSWERS = ("yes", "Yes"), ("no", "No")
 
@@ -120,7 +122,7 @@ class Janus:
         progress: bool = False,
         batch_size: int | None = None,
         candidates: int = 1,
-        rank_by: str = "likelihood",
+        rank_by: str | Judge = "likelihood",
     ) -> torch.Tensor:
         """VQ codes [len(prompts) * n, num_image_tokens], n per prompt in prompt order.
 
@@ -129,7 +131,9 @@ class Janus:
         `candidates` > 1 draws that many images for each one returned, at that many times the cost, and
         keeps the best by `rank_by`: "likelihood", its codes' conditional log-likelihood under the model
         (`image_loglik`), or "match", the model's own judgement that the image shows the prompt
-        (`image_match`; it needs a model trained to answer that question, which the built-in one is not).
+        (`image_match`; it needs a model trained to answer that question, which the built-in one is not),
+        or a judge function (prompt, images) -> scores [len(images)] such as
+        `janus.eval.clause_judge.clause_judge(model)`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -138,8 +142,8 @@ class Janus:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
-        if rank_by not in RANKINGS:
-            raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+        if not callable(rank_by) and rank_by not in RANKINGS:
+            raise ValueError(f"rank_by must be one of {RANKINGS} or a function (prompt, images) -> scores, got {rank_by!r}")
         cfg_weight, temperature = self.image_settings(cfg_weight, temperature)
         if not cfg_weight >= 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
@@ -177,10 +181,15 @@ class Janus:
         if by_likelihood:
             scores = torch.cat(loglik)
         else:
+            judge = self.image_match if rank_by == "match" else rank_by
             per_prompt = n * candidates
-            scores = torch.cat([
-                self.image_match(p, self.decode_image_tokens(codes[i * per_prompt : (i + 1) * per_prompt])) for i, p in enumerate(prompts)
-            ])
+            scores = []
+            for i, p in enumerate(prompts):
+                judged = torch.as_tensor(judge(p, self.decode_image_tokens(codes[i * per_prompt : (i + 1) * per_prompt])))
+                if judged.shape != (per_prompt,):
+                    raise ValueError(f"rank_by must give one score per image: {per_prompt} images, got shape {list(judged.shape)}")
+                scores.append(judged.float())
+            scores = torch.cat(scores)
         # Rows come in runs of `candidates` for the same image; keep each run's best.
         best = scores.to(codes.device).view(-1, candidates).argmax(1)
         return codes[best + torch.arange(len(best), device=best.device) * candidates]

@@ -23,6 +23,10 @@ def test_generate_writes_pngs_and_grid(ckpt, tmp_path, capsys):
     assert files == ["000.png", "001.png", "002.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (64, 64)  # 2 x 2 cells of 32 px
     assert "wrote 3 images" in capsys.readouterr().out
+    judged = tmp_path / "judged"
+    args = ["-n", "2", "-o", str(judged), "--model", str(ckpt), "--seed", "1", "--candidates", "2", "--rank-by", "questions"]
+    assert main(["generate", "a red circle above a blue square", *args]) == 0
+    assert sorted(p.name for p in judged.iterdir()) == ["000.png", "001.png", "grid.png"]
 
 
 def test_chat_one_question_and_interactive(ckpt, tmp_path, capsys, monkeypatch):
@@ -57,6 +61,9 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert err.startswith("janus: error:") and "is not a directory" in err and "Traceback" not in err
     assert main(["generate", "x", "--model", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    assert main(["generate", "a dog", "--rank-by", "questions", "--candidates", "2", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read 'a dog' as objects" in err and "Traceback" not in err
 
 
 def test_tokenize_images_writes_a_cache_training_can_use(ckpt, tmp_path, capsys):

@@ -215,13 +215,13 @@ def test_eval_shapes_command_on_tiny_random_model(tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "results" / "shapes.json"
     args = ["eval", "shapes", "--model", str(ckpt), "--json", str(out), "--k", "2", "--per-category", "1", "--device", "cpu", "--cfg", "3", "--temperature", "0.5",
-            "--candidates", "2", "--rank-by", "match"]
+            "--candidates", "2", "--rank-by", "questions"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "POPE" in printed and "perplexity" in printed
     results = json.loads(out.read_text())
     assert results["settings"] == {"seed": 1000, "k": 2, "per_category": 1, "cfg_weight": 3.0, "temperature": 0.5, "candidates": 2,
-                                   "rank_by": "match", "understanding_resolution": 32, "model": str(ckpt)}
+                                   "rank_by": "questions", "understanding_resolution": 32, "model": str(ckpt)}
     generation = results["generation"]
     assert set(generation["categories"]) == set(GEN_CATEGORIES) and _in_unit_range(generation["overall"])
     for c in generation["categories"].values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -118,6 +119,26 @@ def test_candidates_ranked_by_match_keep_each_runs_best_judged(pipe):
     assert scores.max(1).values.sub(scores.min(1).values).min() > 1e-4  # every run's candidates differ in score
     expected = drawn.view(4, 2, -1)[torch.arange(4), scores.argmax(1)]
     assert torch.equal(kept, expected)
+
+
+def test_candidates_ranked_by_a_judge_function_keep_each_runs_best_judged(pipe):
+    prompts = ["a red circle", "two blue squares"]
+    drawn = pipe.generate_image_tokens(prompts, n=4, seed=3)
+    judged = []
+
+    def brightness(prompt, images):
+        judged.append(prompt)
+        return torch.tensor([float(np.asarray(image).mean()) for image in images])
+
+    kept = pipe.generate_image_tokens(prompts, n=2, candidates=2, seed=3, rank_by=brightness)
+    assert judged == prompts
+    scores = brightness(None, pipe.decode_image_tokens(drawn)).view(4, 2)
+    assert scores.max(1).values.sub(scores.min(1).values).min() > 1e-4  # every run's candidates differ in score
+    assert torch.equal(kept, drawn.view(4, 2, -1)[torch.arange(4), scores.argmax(1)])
+    with pytest.raises(ValueError, match="one score per image: 4 images, got shape \\[1\\]"):
+        pipe.generate_image_tokens(prompts, n=2, candidates=2, seed=3, rank_by=lambda prompt, images: torch.zeros(1))
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        pipe.generate_image_tokens(prompts, candidates=2, rank_by="brightness")
 
 
 def test_batched_prompts_equal_each_alone_greedy(pipe):

@@ -10,9 +10,11 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from janus.data import read_records
+from janus.eval.clause_judge import clause_judge
 from janus.eval.shapes_eval import GEN_CATEGORIES, category_prompts
 from janus.processing.chat import MATCH_QUESTION
 from janus.processing.tokenizer import IMAGE_TOKEN
@@ -24,6 +26,7 @@ from janus.data.shapes import (
     GRID,
     HELDOUT_PAIRS,
     PALETTE,
+    QA,
     RELATION_ANSWERS,
     Scene,
     caption,
@@ -41,6 +44,7 @@ from janus.data.shapes import (
     render,
     sample_scene,
     scene_questions,
+    scene_for,
     scene_rng,
     scene_text,
     write_dataset,
@@ -292,6 +296,11 @@ def test_write_dataset_adds_match_questions_among_the_others(tmp_path):
     assert MATCH_QUESTION.split("{")[0] not in plain["train"]["understanding"].read_text()
 
 
+def _unsized(description):
+    """What a description says but for sizes."""
+    return Counter((spec.shape, spec.colour) for spec in description.objects), description.relation
+
+
 def test_clause_questions_hold_for_a_true_description_and_catch_a_false_one():
     """Asked of a scene, the questions of a caption of it are answered as they expect; those of a caption
     falsified by one edit are not, unless the edit changed sizes only (which they do not ask about)."""
@@ -306,10 +315,43 @@ def test_clause_questions_hold_for_a_true_description_and_catch_a_false_one():
         found = any(qa.answer != _true_answer(scene, qa) for qa in clause_questions(false))
         caught[_edit_kind(true, false), found] += 1
         if not found:
-            unsized = [(Counter((spec.shape, spec.colour) for spec in d.objects), d.relation) for d in (true, false)]
-            assert unsized[0] == unsized[1], (true, false)
+            assert _unsized(true) == _unsized(false), (true, false)
     assert {kind for kind, found in caught if found} == {"shape", "colour", "swap", "count", "relation"}
     assert sum(n for (kind, found), n in caught.items() if not found) < 0.1 * len(SCENES)
+
+
+class SceneAnswerer:
+    """A stand-in for janus.Janus that knows each rendered scene and is sure of the right answer."""
+
+    def __init__(self, scenes):
+        self.scenes = {render(scene, 64).tobytes(): scene for scene in scenes}
+
+    def answer_logprobs(self, question, answers, images):
+        kind = next(kind for kind, options in ANSWER_OPTIONS.items() if tuple(answers) == options)
+        truths = [_true_answer(self.scenes[image.tobytes()], QA(kind, question, "")) for image in images]
+        return torch.tensor([[0.0 if answer == truth else -20.0 for answer in answers] for truth in truths])
+
+
+def test_clause_judge_of_a_perfect_answerer_prefers_the_images_that_hold():
+    rights, wrongs, prompts = [], [], []
+    for i, scene in enumerate(SCENES[:150]):
+        rng = scene_rng(8, "judge", i)
+        true = caption(scene, rng)
+        false = falsified(true, list(scene.objects), rng)
+        wrong = scene_for(false, rng)
+        if _unsized(true) == _unsized(false) or not failed_clauses(true, list(wrong.objects)):
+            continue  # a wrong size is not asked about
+        rights.append(scene)
+        wrongs.append(wrong)
+        prompts.append(true.text(rng))
+    assert len(prompts) > 100
+    answerer = SceneAnswerer(rights + wrongs)
+    judge = clause_judge(answerer)
+    for prompt, right, wrong in zip(prompts, rights, wrongs):
+        scores = judge(prompt, [render(right, 64), render(wrong, 64)])
+        assert float(scores[0]) == pytest.approx(0.0, abs=1e-6) and float(scores[1]) < -19, prompt
+    with pytest.raises(ValueError, match="cannot read 'a dog'"):
+        judge("a dog", [render(rights[0], 64)])
 
 
 def test_parse_description_reads_prompts_and_captions_back():

@@ -42,6 +42,7 @@ from janus.data.shapes import (
     sample_scene,
     scene_rng,
 )
+from janus.eval.clause_judge import ranking
 from janus.eval.detector import detect
 from janus.pipeline import Janus
 
@@ -95,13 +96,13 @@ def evaluate_generation(
     candidates: int = 1, rank_by: str = "likelihood",
 ) -> dict:
     """GenEval-style accuracy: per category, the fraction of images whose every prompt clause holds
-    (`candidates`, `rank_by`: as `Janus.generate_image_tokens`)."""
+    (`candidates`: as `Janus.generate_image_tokens`; `rank_by`: one of `clause_judge.RANK_CHOICES`)."""
     categories = {}
     for index, category in enumerate(GEN_CATEGORIES):
         prompts = heldout_prompts(category, per_category, seed)
         images = model.generate_image(
             [p.text() for p in prompts], n=k, cfg_weight=cfg_weight, temperature=temperature, seed=seed + index, candidates=candidates,
-            rank_by=rank_by,
+            rank_by=ranking(model, rank_by),
         )
         failures: Counter = Counter()
         per_prompt = []
@@ -241,7 +242,8 @@ def evaluate(
     rank_by: str = "likelihood",
 ) -> dict:
     """Every shapes metric of a loaded `janus.Janus` model; `cfg_weight` and `temperature` (of image
-    generation) None are the model's defaults; `candidates` and `rank_by` as `Janus.generate_image_tokens`.
+    generation) None are the model's defaults; `candidates` as `Janus.generate_image_tokens`, `rank_by` one of
+    `clause_judge.RANK_CHOICES` ("questions": `clause_judge`).
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
     per POPE negative kind; the text metric uses per_category * 6 captions.
