@@ -2,11 +2,12 @@
 
 For the generation prompts of `janus eval shapes` (seed 1000, the model's sampling defaults), each
 image gets N candidates. Every candidate is scored by the model (`Janus.image_loglik`, the likelihood
-of its codes, and `Janus.image_match`, the model's yes/no judgement that it shows the prompt) and by
-the shapes detector (correct or not). Then each ranking rule keeps one candidate per image, and the
-table gives its accuracy per category, as the eval computes it:
+of its codes; `Janus.image_match`, the model's yes/no judgement that it shows the prompt; and
+`clause_scores`, its answers to questions that check each clause of the prompt) and by the shapes
+detector (correct or not). Then each ranking rule keeps one candidate per image, and the table gives
+its accuracy per category, as the eval computes it:
 - first: the first candidate (plain sampling, no ranking);
-- likelihood, match: `rank_by="likelihood"` / `rank_by="match"`;
+- likelihood, match, questions: `rank_by="likelihood"` / `"match"` / `clause_judge(model)`;
 - likelihood + W x match: the two scores added;
 - oracle: any correct candidate counts, the ceiling that a perfect judge would reach.
 Only a model trained to answer the match question (janus.data.shapes.match_question) ranks by it usefully.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import janus
 from janus.data.shapes import failed_clauses
+from janus.eval.clause_judge import clause_scores
 from janus.eval.detector import detect
 from janus.eval.shapes_eval import EVAL_SEED, GEN_CATEGORIES, heldout_prompts
 
@@ -29,7 +31,7 @@ MATCH_WEIGHT = 5.0  # the likelihood spans ~15 nats across candidates, the match
 
 
 def score_candidates(model: janus.Janus, per_category: int, k: int, candidates: int) -> dict[str, list[dict]]:
-    """Per category, per prompt: each candidate's likelihood, match score and detector verdict."""
+    """Per category, per prompt: each candidate's likelihood, match and question scores and detector verdict."""
     pools = {}
     for index, category in enumerate(GEN_CATEGORIES):
         prompts = heldout_prompts(category, per_category)
@@ -43,18 +45,26 @@ def score_candidates(model: janus.Janus, per_category: int, k: int, candidates: 
                 "prompt": prompt.text(),
                 "likelihood": model.image_loglik(prompt.text(), rows).tolist(),
                 "match": model.image_match(prompt.text(), images).tolist(),
+                "questions": clause_scores(model, prompt.text(), images).tolist(),
                 "correct": [not failed_clauses(prompt, detect(image)) for image in images],
             })
     return pools
 
 
+def _best(scores: list[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+# Each rule picks one of a run's candidates from their scores (a dict of lists); None: the oracle.
 RULES = {
-    "first": lambda ll, match: 0,
-    "likelihood": lambda ll, match: max(range(len(ll)), key=lambda i: ll[i]),
-    "match": lambda ll, match: max(range(len(ll)), key=lambda i: match[i]),
-    f"likelihood + {MATCH_WEIGHT:g} x match": lambda ll, match: max(range(len(ll)), key=lambda i: ll[i] + MATCH_WEIGHT * match[i]),
+    "first": lambda run: 0,
+    "likelihood": lambda run: _best(run["likelihood"]),
+    "match": lambda run: _best(run["match"]),
+    "questions": lambda run: _best(run["questions"]),
+    f"likelihood + {MATCH_WEIGHT:g} x match": lambda run: _best([ll + MATCH_WEIGHT * m for ll, m in zip(run["likelihood"], run["match"])]),
     "oracle": None,
 }
+SCORES = ("likelihood", "match", "questions", "correct")
 
 
 def accuracies(pools: dict[str, list[dict]], candidates: int) -> dict[str, dict[str, float]]:
@@ -66,8 +76,8 @@ def accuracies(pools: dict[str, list[dict]], candidates: int) -> dict[str, dict[
             kept = []
             for p in prompts:
                 for start in range(0, len(p["correct"]), candidates):
-                    ll, match, correct = (p[key][start : start + candidates] for key in ("likelihood", "match", "correct"))
-                    kept.append(any(correct) if rule is None else correct[rule(ll, match)])
+                    run = {key: p[key][start : start + candidates] for key in SCORES}
+                    kept.append(any(run["correct"]) if rule is None else run["correct"][rule(run)])
             per_category[category] = sum(kept) / len(kept)
         table[name] = {"overall": sum(per_category.values()) / len(per_category), **per_category}
     return table
