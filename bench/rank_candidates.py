@@ -10,6 +10,8 @@ its accuracy per category, as the eval computes it:
 - likelihood, match, questions: `rank_by="likelihood"` / `"match"` / `clause_judge(model)`;
 - likelihood + W x match: the two scores added;
 - oracle: any correct candidate counts, the ceiling that a perfect judge would reach.
+A second table gives each score's AUC: how well it separates the detector's correct candidates from the
+wrong ones, over all candidates of a category (0.5 is chance). The JSON keeps every candidate's scores.
 Only a model trained to answer the match question (janus.data.shapes.match_question) ranks by it usefully.
 
     python bench/rank_candidates.py --models runs/default/match/stage3/export --json bench/results/rank_candidates.json
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 import janus
 from janus.data.shapes import failed_clauses
@@ -83,6 +87,21 @@ def accuracies(pools: dict[str, list[dict]], candidates: int) -> dict[str, dict[
     return table
 
 
+def aucs(pools: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Score -> category (and "all") -> AUC of the score for telling correct candidates from wrong ones."""
+    table = {}
+    for score in SCORES[:-1]:
+        per_category = {}
+        for category, prompts in [*pools.items(), ("all", [p for ps in pools.values() for p in ps])]:
+            values = torch.tensor([v for p in prompts for v in p[score]])
+            correct = torch.tensor([c for p in prompts for c in p["correct"]])
+            right, wrong = values[correct], values[~correct]
+            pairs = right[:, None] - wrong[None, :]
+            per_category[category] = float((pairs > 0).float().mean() + 0.5 * (pairs == 0).float().mean()) if pairs.numel() else float("nan")
+        table[score] = per_category
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[None], help="checkpoint directories (default: the built-in model)")
@@ -94,13 +113,17 @@ def main() -> None:
     results = {}
     for path in args.models:
         model = janus.load(path, device="cpu", dtype="float32")
-        table = accuracies(score_candidates(model, args.per_category, args.k, args.candidates), args.candidates)
+        pools = score_candidates(model, args.per_category, args.k, args.candidates)
+        table, separation = accuracies(pools, args.candidates), aucs(pools)
         name = path or "built-in"
-        results[name] = table
+        results[name] = {"accuracy": table, "auc": separation, "candidates": pools}
         print(f"{name}: {args.per_category} prompts x {args.k} images per category, best of {args.candidates}")
         print(f"  {'rule':<26}{'overall':>8}" + "".join(f"{c[:9]:>10}" for c in GEN_CATEGORIES))
         for rule, row in table.items():
             print(f"  {rule:<26}{row['overall']:8.3f}" + "".join(f"{row[c]:10.3f}" for c in GEN_CATEGORIES))
+        print(f"  {'AUC of':<26}{'all':>8}" + "".join(f"{c[:9]:>10}" for c in GEN_CATEGORIES))
+        for score, row in separation.items():
+            print(f"  {score:<26}{row['all']:8.3f}" + "".join(f"{row[c]:10.3f}" for c in GEN_CATEGORIES))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
