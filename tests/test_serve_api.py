@@ -14,6 +14,7 @@ from PIL import Image
 
 import janus
 from janus.cli import main
+from janus.eval.clause_judge import clause_judge
 from janus.serve import create_app, serve_in_background
 from janus.serve.api import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
 from janus.testing import save_tiny_checkpoint, steer_eos
@@ -185,6 +186,7 @@ IMAGE_ERRORS = {
     "top_k 0": ({"prompt": "a", "top_k": 0}, "top_k"),
     "candidates 0": ({"prompt": "a", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
     "candidates 9": ({"prompt": "a", "candidates": 9}, f"candidates: Input should be less than or equal to {MAX_CANDIDATES}"),
+    "rank_by": ({"prompt": "a", "rank_by": "beauty"}, "rank_by: Input should be 'likelihood', 'match' or 'questions'"),
     "url format": ({"prompt": "a", "response_format": "url"}, "response_format"),
     "unknown field": ({"prompt": "a", "size": "1024x1024"}, "unknown field 'size'"),
     "prompt too long": ({"prompt": "word " * 600}, "prompt too long"),
@@ -328,3 +330,9 @@ def test_images_with_candidates_are_the_python_apis_best_of_n(client, model):
     kept = model.generate_image("a red circle", n=2, seed=5, candidates=3)
     assert served == [im.tobytes() for im in kept]
     assert served != [im.tobytes() for im in model.generate_image("a red circle", n=2, seed=5)]
+    body = {"prompt": "a red circle above a blue square", "n": 2, "seed": 5, "candidates": 3, "rank_by": "questions"}
+    served = [png(d["b64_json"]).tobytes() for d in client.post("/v1/images/generations", json=body).json()["data"]]
+    kept = model.generate_image(body["prompt"], n=2, seed=5, candidates=3, rank_by=clause_judge(model))
+    assert served == [im.tobytes() for im in kept]
+    response = client.post("/v1/images/generations", json={**body, "prompt": "a dog"})
+    assert response.status_code == 400 and "cannot read 'a dog' as objects" in response.json()["error"]["message"]

@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..eval.clause_judge import RANK_CHOICES
 from ..pipeline import ChatStream
 from .worker import ImageSettings, ModelWorker
 
@@ -100,7 +101,8 @@ class ImageRequest(_Strict):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES)  # draw this many per image, keep the most likely
+    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES)  # draw this many per image, keep the best by rank_by
+    rank_by: Literal[RANK_CHOICES] = "likelihood"
     response_format: Literal["b64_json"] = "b64_json"
 
     @field_validator("prompt")
@@ -251,7 +253,7 @@ def add_api(app: FastAPI, worker: ModelWorker, model_name: str) -> None:
 
     @router.post("/v1/images/generations")
     async def images(request: ImageRequest) -> dict:
-        settings = ImageSettings(request.cfg, request.temperature, request.top_k, request.top_p, request.candidates)
+        settings = ImageSettings(request.cfg, request.temperature, request.top_k, request.top_p, request.candidates, request.rank_by)
         try:
             pictures = await worker.generate_images(request.prompt, request.n, settings, request.seed)
         except ValueError as error:  # the pipeline's own checks, e.g. a prompt too long for the model

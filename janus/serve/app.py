@@ -14,6 +14,7 @@ import gradio as gr
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from ..eval.clause_judge import RANK_CHOICES
 from .worker import ImageSettings, ModelWorker
 
 GENERATE_EXAMPLES = ["a red circle above a blue square", "three small yellow stars on a black background", "a green triangle left of a purple hexagon"]
@@ -62,13 +63,13 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
         yield chat_messages([*turns, question, reply]), [*turns, question, reply], None
 
     async def generate(
-        prompt: str, n: float, cfg_weight: float, temperature: float, seed: float, candidates: float,
+        prompt: str, n: float, cfg_weight: float, temperature: float, seed: float, candidates: float, rank_by: str,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # follows the pipeline's tqdm bar
     ) -> list[Image.Image]:
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
         progress(0, desc="waiting for the model")
-        settings = ImageSettings(cfg_weight=cfg_weight, temperature=temperature, candidates=int(candidates))
+        settings = ImageSettings(cfg_weight=cfg_weight, temperature=temperature, candidates=int(candidates), rank_by=rank_by)
         try:
             return await worker.generate_images(
                 prompt, int(n), settings, seed=None if seed < 0 else int(seed), progress=True
@@ -107,13 +108,14 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
                 cfg_weight = gr.Slider(0, 20, value=worker.model.default_cfg_weight, step=0.5, label="CFG weight")
                 temperature = gr.Slider(0, 2, value=worker.model.default_temperature, step=0.05, label="Temperature")
                 seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
-                candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates per image (the most likely is kept)")
+                candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates per image (the best is kept)")
+                rank_by = gr.Dropdown(list(RANK_CHOICES), value="likelihood", label="Best by (questions: shapes-world prompts)")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(
                 label="Images", format="png", columns=4, buttons=["download", "fullscreen"], elem_id="gallery"
             )
             gr.Examples([[p] for p in GENERATE_EXAMPLES], inputs=[prompt])
-            inputs = [prompt, n, cfg_weight, temperature, seed, candidates]
+            inputs = [prompt, n, cfg_weight, temperature, seed, candidates, rank_by]
             button.click(generate, inputs, gallery)
             prompt.submit(generate, inputs, gallery)
     return demo

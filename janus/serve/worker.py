@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from PIL import Image
 
+from ..eval.clause_judge import ranking
 from ..pipeline import ChatStream, ImageInput, Janus
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class ImageSettings:
     temperature: float | None = None  # None: the model's default
     top_k: int | None = None
     top_p: float | None = None
-    candidates: int = 1  # images drawn per image returned; the most likely is kept (Janus.generate_image)
+    candidates: int = 1  # images drawn per image returned; the best by rank_by is kept (Janus.generate_image)
+    rank_by: str = "likelihood"  # one of janus.eval.clause_judge.RANK_CHOICES
 
 
 @dataclass(kw_only=True)
@@ -209,7 +211,7 @@ class ModelWorker:
             images = (watcher or jobs[0]).context.run(
                 self.model.generate_image, prompts, n=1, cfg_weight=s.cfg_weight, temperature=s.temperature,
                 top_k=s.top_k, top_p=s.top_p, seed=jobs[0].seed, progress=watcher is not None,
-                candidates=s.candidates,
+                candidates=s.candidates, rank_by=ranking(self.model, s.rank_by),
             )
         except Exception as error:  # noqa: BLE001 - the caller decides; the thread keeps serving
             log.debug("image job failed", exc_info=True)
