@@ -331,7 +331,8 @@ def parse_description(text: str) -> Description:
 def _parse_phrase(phrase: str, text: str) -> list[ObjectSpec]:
     """ "two small red circles" -> two ObjectSpecs (the inverse of _phrase)."""
     words = phrase.split()
-    count = 1 if words[:1] in (["a"], ["an"]) else COUNT_WORDS.index(words[0]) if words[:1] and words[0] in COUNT_WORDS[2:] else 0
+    article = words[0] if words else ""
+    count = 1 if article in ("a", "an") else COUNT_WORDS.index(article) if article in COUNT_WORDS[2:] else 0
     size = words[1] if len(words) > 2 and words[1] in SIZES else None
     colour = words[-2] if len(words) > 1 and words[-2] in PALETTE else None
     shapes = {(plural(s) if count > 1 else s): s for s in SHAPES}
