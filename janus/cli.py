@@ -42,11 +42,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .data.shapes import parse_description
-    from .eval.clause_judge import ranking
+    from .eval.clause_judge import check_prompt, ranking
 
-    if args.rank_by == "questions":
-        parse_description(args.prompt)  # a prompt the judge cannot read fails now, not after sampling
+    check_prompt(args.rank_by, args.prompt)
     model = _load(args)
     images = model.generate_image(
         args.prompt, n=args.n, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,

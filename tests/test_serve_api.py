@@ -324,7 +324,7 @@ def test_images_without_cfg_or_temperature_use_the_models_defaults(client, model
     assert served.tobytes() != model.generate_image("a red circle", seed=3, cfg_weight=2.0, temperature=1.0)[0].tobytes()
 
 
-def test_images_with_candidates_are_the_python_apis_best_of_n(client, model):
+def test_images_with_candidates_are_the_python_apis_best_of_n(client, model, monkeypatch):
     body = {"prompt": "a red circle", "n": 2, "seed": 5, "candidates": 3}
     served = [png(d["b64_json"]).tobytes() for d in client.post("/v1/images/generations", json=body).json()["data"]]
     kept = model.generate_image("a red circle", n=2, seed=5, candidates=3)
@@ -334,5 +334,8 @@ def test_images_with_candidates_are_the_python_apis_best_of_n(client, model):
     served = [png(d["b64_json"]).tobytes() for d in client.post("/v1/images/generations", json=body).json()["data"]]
     kept = model.generate_image(body["prompt"], n=2, seed=5, candidates=3, rank_by=clause_judge(model))
     assert served == [im.tobytes() for im in kept]
+    sampled = []
+    monkeypatch.setattr(model, "generate_image_tokens", lambda *args, **kwargs: sampled.append(args))
     response = client.post("/v1/images/generations", json={**body, "prompt": "a dog"})
     assert response.status_code == 400 and "cannot read 'a dog' as objects" in response.json()["error"]["message"]
+    assert not sampled  # refused before sampling, so it cannot fail a batch it would have joined

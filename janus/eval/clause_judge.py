@@ -38,6 +38,13 @@ def clause_judge(model: Janus) -> Judge:
     return lambda prompt, images: clause_scores(model, prompt, images)
 
 
+def check_prompt(rank_by: str, prompt: str) -> None:
+    """Raise now, before any sampling, the ValueError that ranking `prompt`'s candidates by `rank_by`
+    would raise afterwards: "questions" needs a prompt in the shapes world's grammar."""
+    if rank_by == "questions":
+        parse_description(prompt)
+
+
 def ranking(model: Janus, name: str) -> str | Judge:
     """The `rank_by` argument that a RANK_CHOICES name stands for."""
     if name not in RANK_CHOICES:

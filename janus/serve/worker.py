@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from PIL import Image
 
-from ..eval.clause_judge import ranking
+from ..eval.clause_judge import check_prompt, ranking
 from ..pipeline import ChatStream, ImageInput, Janus
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ class ModelWorker:
         progress: bool = False,
     ) -> list[Image.Image]:
         """n images for `prompt`; raises what `Janus.generate_image` raises (ValueError for bad input)."""
+        # A prompt the ranking cannot read is refused here, alone, not after sampling in a merged batch,
+        # where its error would fail the other requests too.
+        check_prompt(settings.rank_by, prompt)
         # Resolved now, so that a request naming the model's default batches with one that names none.
         cfg_weight, temperature = self.model.image_settings(settings.cfg_weight, settings.temperature)
         settings = replace(settings, cfg_weight=cfg_weight, temperature=temperature)
