@@ -29,6 +29,7 @@ from janus.data.shapes import (
     QA,
     RELATION_ANSWERS,
     Scene,
+    binding_questions,
     caption,
     clause_questions,
     failed_clauses,
@@ -47,6 +48,7 @@ from janus.data.shapes import (
     scene_for,
     scene_rng,
     scene_text,
+    write_binding_dataset,
     write_dataset,
 )
 
@@ -221,6 +223,40 @@ def test_questions_agree_with_the_scene():
     assert {n for _, n in seen} == {None, "random", "adversarial", "binding"}
     yes, no = sum(v for (t, n), v in seen.items() if t == "existence" and n is None), sum(v for (_, n), v in seen.items() if n)
     assert abs(yes - no) < 0.25 * (yes + no)  # about balanced
+
+
+def test_binding_questions_ask_every_colour_its_shape_and_every_shape_its_colour():
+    checked = 0
+    for i, scene in enumerate(SCENES):
+        if len({o.shape for o in scene.objects}) < 2:
+            continue
+        questions = binding_questions(scene, scene_rng(6, "binding", i))
+        assert len({qa.question for qa in questions}) == len(questions)
+        for qa in questions:
+            assert qa.answer == _true_answer(scene, qa)
+        types = Counter(qa.type for qa in questions)
+        one_shape = {o.colour for o in scene.objects if len({p.shape for p in _objects(scene, colour=o.colour)}) == 1}
+        one_colour = {o.shape for o in scene.objects if len({p.colour for p in _objects(scene, shape=o.shape)}) == 1}
+        assert types["shape"] == len(one_shape) and types["colour"] == len(one_colour)
+        assert types["relation"] <= 2 and sum(types[t] for t in ("count", "position", "size", "existence")) <= 2
+        checked += 1
+    assert checked > 100
+
+
+def test_binding_dataset_asks_one_question_per_record_about_scenes_of_two_shapes_or_more(tmp_path):
+    manifests = write_binding_dataset(tmp_path / "a", 30, seed=1, resolution=32)
+    write_binding_dataset(tmp_path / "b", 30, seed=1, resolution=32)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    scenes = {row["image"]: Scene.from_json(row) for row in map(json.loads, manifests["scenes"].read_text().splitlines())}
+    assert len(scenes) == 30
+    assert all(len({o.shape for o in s.objects}) >= 2 and not has_heldout_pair([o.descriptor for o in s.objects]) for s in scenes.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped record warns
+        assert len(list(read_records(manifests["understanding"], Counter()))) > 30 * 4
+    lines = manifests["understanding"].read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(len(r["conversation"]) == 2 and r["images"][0] in scenes for r in records)  # no earlier turn to give an answer away
+    assert manifests["shape_questions"].read_text().splitlines() == [line for line, r in zip(lines, records) if "What shape" in r["conversation"][0]["content"]]
 
 
 def test_scene_questions_cover_the_types_first_then_repeat_them_without_repeating_a_question():

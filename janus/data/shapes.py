@@ -439,54 +439,64 @@ def question(scene: Scene, kind: str, rng: random.Random, answer_yes: bool | Non
     return _ASK[kind](scene, rng)
 
 
-# The wording of questions, shared by the training questions and clause_questions.
-def _how_many(what: str) -> str:
+# The wording of questions, shared by the training questions, clause_questions and bench/probe_binding.py.
+def how_many(what: str) -> str:
     return f"How many {what} are there?"
 
 
-def _what_colour(shape: str, count: int) -> str:
+def what_colour(shape: str, count: int) -> str:
     return f"What colour is the {shape}?" if count == 1 else f"What colour are the {plural(shape)}?"
 
 
-def _what_shape(colour: str, count: int) -> str:
+def what_shape(colour: str, count: int) -> str:
     return f"What shape is the {colour} object?" if count == 1 else f"What shape are the {colour} objects?"
 
 
-def _where_relative(a: str, b: str) -> str:
+def where_relative(a: str, b: str) -> str:
     return f"Where is the {a} relative to the {b}?"
 
 
+def _colour_questions(scene: Scene) -> list[QA]:
+    """The colour of every shape whose objects share one colour, in shape order."""
+    questions = []
+    for shape in sorted({o.shape for o in scene.objects}):
+        same = [o for o in scene.objects if o.shape == shape]
+        if len({o.colour for o in same}) == 1:
+            questions.append(QA("colour", what_colour(shape, len(same)), same[0].colour))
+    return questions
+
+
+def _shape_questions(scene: Scene) -> list[QA]:
+    """The shape of every colour whose objects share one shape, in colour order."""
+    questions = []
+    for colour in sorted({o.colour for o in scene.objects}):
+        same = [o for o in scene.objects if o.colour == colour]
+        if len({o.shape for o in same}) == 1:
+            questions.append(QA("shape", what_shape(colour, len(same)), same[0].shape))
+    return questions
+
+
 def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
-    objects = scene.objects
-    shapes = sorted({o.shape for o in objects if len({p.colour for p in objects if p.shape == o.shape}) == 1})
-    if not shapes:
-        return None
-    shape = rng.choice(shapes)
-    same = [o for o in objects if o.shape == shape]
-    return QA("colour", _what_colour(shape, len(same)), same[0].colour)
+    questions = _colour_questions(scene)
+    return rng.choice(questions) if questions else None
 
 
 def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
-    objects = scene.objects
-    colours = sorted({o.colour for o in objects if len({p.shape for p in objects if p.colour == o.colour}) == 1})
-    if not colours:
-        return None
-    colour = rng.choice(colours)
-    same = [o for o in objects if o.colour == colour]
-    return QA("shape", _what_shape(colour, len(same)), same[0].shape)
+    questions = _shape_questions(scene)
+    return rng.choice(questions) if questions else None
 
 
 def _count_question(scene: Scene, rng: random.Random) -> QA:
     objects = scene.objects
     target = rng.choice(("objects", "shape", "colour"))
     if target == "objects":
-        return QA("count", _how_many("objects"), COUNT_WORDS[len(objects)])
+        return QA("count", how_many("objects"), COUNT_WORDS[len(objects)])
     # Mostly ask about what is there, sometimes about what is not (answer "zero").
     if target == "shape":
         shape = rng.choice([o.shape for o in objects]) if rng.random() < 0.8 else rng.choice(SHAPES)
-        return QA("count", _how_many(plural(shape)), COUNT_WORDS[sum(o.shape == shape for o in objects)])
+        return QA("count", how_many(plural(shape)), COUNT_WORDS[sum(o.shape == shape for o in objects)])
     colour = rng.choice([o.colour for o in objects]) if rng.random() < 0.8 else rng.choice(COLOURS)
-    return QA("count", _how_many(f"{colour} objects"), COUNT_WORDS[sum(o.colour == colour for o in objects)])
+    return QA("count", how_many(f"{colour} objects"), COUNT_WORDS[sum(o.colour == colour for o in objects)])
 
 
 def _position_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -503,7 +513,7 @@ def _relation_question(scene: Scene, rng: random.Random) -> QA | None:
     if not pairs:
         return None
     a, b = rng.choice(pairs)
-    return QA("relation", _where_relative(_name(a), _name(b)), RELATION_ANSWERS[relation(a, b)])
+    return QA("relation", where_relative(_name(a), _name(b)), RELATION_ANSWERS[relation(a, b)])
 
 
 def _size_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -604,24 +614,24 @@ def clause_questions(description: Description) -> list[QA]:
     Colours are asked about only when the description names every object's colour; sizes never."""
     specs = description.objects
     shapes = Counter(spec.shape for spec in specs)
-    questions = [QA("count", _how_many("objects"), COUNT_WORDS[len(specs)])]
-    questions += [QA("count", _how_many(plural(shape)), COUNT_WORDS[n]) for shape, n in shapes.items()]
+    questions = [QA("count", how_many("objects"), COUNT_WORDS[len(specs)])]
+    questions += [QA("count", how_many(plural(shape)), COUNT_WORDS[n]) for shape, n in shapes.items()]
     if any(spec.colour is None for spec in specs):  # an object of any colour: counting by colour tells nothing
         return questions
     colours = Counter(spec.colour for spec in specs)
-    questions += [QA("count", _how_many(f"{colour} objects"), COUNT_WORDS[n]) for colour, n in colours.items()]
+    questions += [QA("count", how_many(f"{colour} objects"), COUNT_WORDS[n]) for colour, n in colours.items()]
     for shape, n in shapes.items():
         on = {spec.colour for spec in specs if spec.shape == shape}
         if len(on) == 1:
-            questions.append(QA("colour", _what_colour(shape, n), on.pop()))
+            questions.append(QA("colour", what_colour(shape, n), on.pop()))
     for colour, n in colours.items():
         of = {spec.shape for spec in specs if spec.colour == colour}
         if len(of) == 1:
-            questions.append(QA("shape", _what_shape(colour, n), of.pop()))
+            questions.append(QA("shape", what_shape(colour, n), of.pop()))
     if description.relation is not None:
         first, second = (f"{spec.colour} {spec.shape}" for spec in specs)
         if first != second:  # else "the red circle" would name either
-            questions.append(QA("relation", _where_relative(first, second), RELATION_ANSWERS[description.relation]))
+            questions.append(QA("relation", where_relative(first, second), RELATION_ANSWERS[description.relation]))
     return questions
 
 
@@ -726,6 +736,58 @@ def write_dataset(
             path = directory / f"{kind}.jsonl"
             path.write_text("".join(line + "\n" for line in records), encoding="utf-8")
             manifests[split][kind] = path
+    return manifests
+
+
+def binding_questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """Questions that need each object's colour bound to its shape, in random order: the shape of every
+    colour and the colour of every shape that have one answer, up to two relations, and two questions of
+    the other types (count, position, size, existence)."""
+    questions = _shape_questions(scene) + _colour_questions(scene)
+    relations: set[str] = set()
+    for _ in range(4):
+        qa = _relation_question(scene, rng)
+        if qa is not None and qa.question not in relations and len(relations) < 2:
+            relations.add(qa.question)
+            questions.append(qa)
+    asked = {qa.question for qa in questions}
+    others = [qa for qa in scene_questions(scene, rng, 6) if qa.type in ("count", "position", "size", "existence") and qa.question not in asked]
+    questions += others[:2]
+    rng.shuffle(questions)
+    return questions
+
+
+def write_binding_dataset(out_dir: str | Path, n_scenes: int, seed: int, resolution: int = 384) -> dict[str, Path]:
+    """Write n_scenes training scenes of at least two shapes (no held-out pair) with their
+    `binding_questions`, one question per record so that no earlier turn names an answer, and return
+    the manifests: `understanding.jsonl` (every question), `scenes.jsonl` (the ground truth) and
+    `shape_questions.jsonl` (the shape-of-colour questions alone), beside `images/NNNNNN.png`. Scenes come
+    from their own seed stream, "binding" (docs/default_model.md, "Binding colour to shape")."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records: dict[str, list[str]] = {"understanding": [], "scenes": [], "shape_questions": []}  # the last one marks a finished set
+    written = index = 0
+    while written < n_scenes:
+        rng = scene_rng(seed, "binding", index)
+        index += 1
+        scene = sample_scene(rng, exclude_heldout=True)
+        if len({o.shape for o in scene.objects}) < 2:  # one shape answers every shape question
+            continue
+        questions = binding_questions(scene, rng)
+        name = f"images/{written:06d}.png"
+        render(scene, resolution).save(out / name)
+        records["scenes"].append(_json({"image": name, **scene.to_json()}))
+        for qa in questions:
+            conversation = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{qa.question}"}, {"role": "assistant", "content": qa.answer}]
+            line = _json({"kind": "understanding", "images": [name], "conversation": conversation})
+            records["understanding"].append(line)
+            if qa.type == "shape":
+                records["shape_questions"].append(line)
+        written += 1
+    manifests = {}
+    for kind, lines in records.items():
+        manifests[kind] = out / f"{kind}.jsonl"
+        manifests[kind].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return manifests
 
 
