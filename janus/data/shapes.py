@@ -456,33 +456,25 @@ def where_relative(a: str, b: str) -> str:
     return f"Where is the {a} relative to the {b}?"
 
 
-def _colour_questions(scene: Scene) -> list[QA]:
-    """The colour of every shape whose objects share one colour, in shape order."""
+def _attribute_questions(scene: Scene, attribute: str) -> list[QA]:
+    """The questions asking `attribute` ("colour" or "shape") of each value of the other one whose
+    objects all share one `attribute`: "What colour is the circle?", "What shape is the red object?"."""
+    by, wording = ("shape", what_colour) if attribute == "colour" else ("colour", what_shape)
     questions = []
-    for shape in sorted({o.shape for o in scene.objects}):
-        same = [o for o in scene.objects if o.shape == shape]
-        if len({o.colour for o in same}) == 1:
-            questions.append(QA("colour", what_colour(shape, len(same)), same[0].colour))
-    return questions
-
-
-def _shape_questions(scene: Scene) -> list[QA]:
-    """The shape of every colour whose objects share one shape, in colour order."""
-    questions = []
-    for colour in sorted({o.colour for o in scene.objects}):
-        same = [o for o in scene.objects if o.colour == colour]
-        if len({o.shape for o in same}) == 1:
-            questions.append(QA("shape", what_shape(colour, len(same)), same[0].shape))
+    for value in sorted({getattr(o, by) for o in scene.objects}):
+        same = [o for o in scene.objects if getattr(o, by) == value]
+        if len({getattr(o, attribute) for o in same}) == 1:
+            questions.append(QA(attribute, wording(value, len(same)), getattr(same[0], attribute)))
     return questions
 
 
 def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
-    questions = _colour_questions(scene)
+    questions = _attribute_questions(scene, "colour")
     return rng.choice(questions) if questions else None
 
 
 def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
-    questions = _shape_questions(scene)
+    questions = _attribute_questions(scene, "shape")
     return rng.choice(questions) if questions else None
 
 
@@ -743,7 +735,7 @@ def binding_questions(scene: Scene, rng: random.Random) -> list[QA]:
     """Questions that need each object's colour bound to its shape, in random order: the shape of every
     colour and the colour of every shape that have one answer, up to two relations, and two questions of
     the other types (count, position, size, existence)."""
-    questions = _shape_questions(scene) + _colour_questions(scene)
+    questions = _attribute_questions(scene, "shape") + _attribute_questions(scene, "colour")
     relations: set[str] = set()
     for _ in range(4):
         qa = _relation_question(scene, rng)
