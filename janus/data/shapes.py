@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations, permutations
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -456,25 +456,25 @@ def where_relative(a: str, b: str) -> str:
     return f"Where is the {a} relative to the {b}?"
 
 
-def _attribute_questions(scene: Scene, attribute: str) -> list[QA]:
+def _attribute_questions(objects: Sequence[SceneObject | ObjectSpec], attribute: str) -> list[QA]:
     """The questions asking `attribute` ("colour" or "shape") of each value of the other one whose
     objects all share one `attribute`: "What colour is the circle?", "What shape is the red object?"."""
     by, wording = ("shape", what_colour) if attribute == "colour" else ("colour", what_shape)
     questions = []
-    for value in sorted({getattr(o, by) for o in scene.objects}):
-        same = [o for o in scene.objects if getattr(o, by) == value]
+    for value in sorted({getattr(o, by) for o in objects}):
+        same = [o for o in objects if getattr(o, by) == value]
         if len({getattr(o, attribute) for o in same}) == 1:
             questions.append(QA(attribute, wording(value, len(same)), getattr(same[0], attribute)))
     return questions
 
 
 def _colour_question(scene: Scene, rng: random.Random) -> QA | None:
-    questions = _attribute_questions(scene, "colour")
+    questions = _attribute_questions(scene.objects, "colour")
     return rng.choice(questions) if questions else None
 
 
 def _shape_question(scene: Scene, rng: random.Random) -> QA | None:
-    questions = _attribute_questions(scene, "shape")
+    questions = _attribute_questions(scene.objects, "shape")
     return rng.choice(questions) if questions else None
 
 
@@ -612,14 +612,7 @@ def clause_questions(description: Description) -> list[QA]:
         return questions
     colours = Counter(spec.colour for spec in specs)
     questions += [QA("count", how_many(f"{colour} objects"), COUNT_WORDS[n]) for colour, n in colours.items()]
-    for shape, n in shapes.items():
-        on = {spec.colour for spec in specs if spec.shape == shape}
-        if len(on) == 1:
-            questions.append(QA("colour", what_colour(shape, n), on.pop()))
-    for colour, n in colours.items():
-        of = {spec.shape for spec in specs if spec.colour == colour}
-        if len(of) == 1:
-            questions.append(QA("shape", what_shape(colour, n), of.pop()))
+    questions += _attribute_questions(specs, "colour") + _attribute_questions(specs, "shape")
     if description.relation is not None:
         first, second = (f"{spec.colour} {spec.shape}" for spec in specs)
         if first != second:  # else "the red circle" would name either
@@ -735,7 +728,7 @@ def binding_questions(scene: Scene, rng: random.Random) -> list[QA]:
     """Questions that need each object's colour bound to its shape, in random order: the shape of every
     colour and the colour of every shape that have one answer, up to two relations, and two questions of
     the other types (count, position, size, existence)."""
-    questions = _attribute_questions(scene, "shape") + _attribute_questions(scene, "colour")
+    questions = _attribute_questions(scene.objects, "shape") + _attribute_questions(scene.objects, "colour")
     relations: set[str] = set()
     for _ in range(4):
         qa = _relation_question(scene, rng)
