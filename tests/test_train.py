@@ -144,6 +144,7 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
     assert cfg.init_from == "/data/x/stage1/export" and cfg.checkpoint.dir == "/data/x/stage2"
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.95) and cfg.data.ratios == {"understanding": 2, "text": 3, "generation": 5}
     assert cfg.train.steps == 9 and cfg.optim.warmup_steps == 2  # the file's warm-up wins over the stage default
+    assert load_run_config(REPO / "configs/tiny.yaml", ["optim.lr=3e-4"], stage=2).optim.lr == 3e-4  # a number, not YAML 1.1's string
     with pytest.raises(ValueError, match="no stage"):
         load_run_config(REPO / "configs/tiny.yaml")
     with pytest.raises(ValueError, match="unexpected keyword|got an unexpected"):

@@ -112,9 +112,15 @@ def set_field(tree: dict, dotted: str, value: str) -> None:
     for key in parents:
         tree = tree.setdefault(key, {})
     try:
-        tree[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:  # e.g. "{root}/x": a string, not a YAML mapping
-        tree[leaf] = value
+        parsed = value
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)  # YAML 1.1 reads "3e-4" (no dot) as a string
+        except ValueError:
+            pass
+    tree[leaf] = parsed
 
 
 def _fill(node: Any, names: dict[str, Any]) -> Any:
