@@ -198,13 +198,10 @@ def scene_rng(seed: int, stream: str, index: int) -> random.Random:
     return random.Random(f"janus-shapes:{seed}:{stream}:{index}")
 
 
-def sample_scene(rng: random.Random, exclude_heldout: bool = False, kinds: dict[str, float] = SCENE_KINDS) -> Scene:
-    """A random scene of 1-4 objects, of a kind drawn by the `kinds` weights (SCENE_KINDS' names);
-    `exclude_heldout` rejects scenes holding a held-out pair."""
-    if not kinds or not set(kinds) <= set(SCENE_KINDS) or not any(w > 0 for w in kinds.values()):
-        raise ValueError(f"kinds must weigh some of {tuple(SCENE_KINDS)} above 0, got {kinds!r}")
+def sample_scene(rng: random.Random, exclude_heldout: bool = False) -> Scene:
+    """A random scene of 1-4 objects; `exclude_heldout` rejects scenes holding a held-out pair."""
     while True:
-        descriptors = _sample_descriptors(rng, kinds)
+        descriptors = _sample_descriptors(rng)
         if exclude_heldout and has_heldout_pair(descriptors):
             continue
         sizes = [rng.choice(tuple(SIZES)) for _ in descriptors]
@@ -215,8 +212,8 @@ def sample_scene(rng: random.Random, exclude_heldout: bool = False, kinds: dict[
             return Scene(tuple(objects))
 
 
-def _sample_descriptors(rng: random.Random, kinds: dict[str, float]) -> list[tuple[str, str]]:
-    kind = rng.choices(tuple(kinds), weights=tuple(kinds.values()))[0]
+def _sample_descriptors(rng: random.Random) -> list[tuple[str, str]]:
+    kind = rng.choices(tuple(SCENE_KINDS), weights=tuple(SCENE_KINDS.values()))[0]
     if kind == "single":
         return [rng.choice(DESCRIPTORS)]
     if kind == "pair":
@@ -686,7 +683,6 @@ def write_dataset(
     questions_per_scene: int = 4,
     questions_per_type: int = 1,
     match_questions: int = 0,
-    scene_kinds: dict[str, float] = SCENE_KINDS,
 ) -> dict[str, dict[str, Path]]:
     """Write splits of scenes in the training data format (docs/data.md) and return their manifests.
 
@@ -695,7 +691,6 @@ def write_dataset(
     `generation.jsonl` (one caption per scene), `text.jsonl` (one description per scene) and
     `scenes.jsonl` (the ground truth). The split named "train" holds no held-out pair (HELDOUT_PAIRS).
     `match_questions` adds that many `match_question`s per scene, each at a random place among the others.
-    `scene_kinds` weighs the kinds of scene (SCENE_KINDS by default), e.g. {"pair": 1} for two objects only.
     """
     splits = splits if splits is not None else {"train": 0.9, "heldout": 0.1}
     out = Path(out_dir)
@@ -706,7 +701,7 @@ def write_dataset(
         lines: dict[str, list[str]] = {"understanding": [], "generation": [], "text": [], "scenes": []}
         for i in range(round(n_scenes * fraction)):
             rng = scene_rng(seed, split, i)
-            scene = sample_scene(rng, exclude_heldout=split == "train", kinds=scene_kinds)
+            scene = sample_scene(rng, exclude_heldout=split == "train")
             name = f"images/{i:06d}.png"
             render(scene, resolution).save(directory / name)
             questions = scene_questions(scene, rng, questions_per_scene, questions_per_type)
@@ -751,12 +746,13 @@ def write_binding_dataset(out_dir: str | Path, n_scenes: int, seed: int, resolut
     """Write n_scenes training scenes of at least two shapes (no held-out pair) with their
     `binding_questions`, one question per record so that no earlier turn names an answer, and return
     the manifests: `understanding.jsonl` (every question), `scenes.jsonl` (the ground truth), and
-    `shape_questions.jsonl` and `relation_questions.jsonl` (the shape-of-colour and the relation
-    questions alone, for drills), beside `images/NNNNNN.png`. Scenes come from their own seed stream,
-    "binding" (docs/default_model.md, "Binding colour to shape")."""
+    `shape_questions.jsonl`, `relation_questions.jsonl` and `position_questions.jsonl` (the
+    shape-of-colour, relation and position questions alone, for drills), beside `images/NNNNNN.png`.
+    Scenes come from their own seed stream, "binding" (docs/default_model.md, "Binding colour to
+    shape")."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    drills = {"relation": "relation_questions", "shape": "shape_questions"}
+    drills = {"position": "position_questions", "relation": "relation_questions", "shape": "shape_questions"}
     records: dict[str, list[str]] = {"understanding": [], "scenes": [], **{name: [] for name in drills.values()}}  # the last one marks a finished set
     written = index = 0
     while written < n_scenes:
