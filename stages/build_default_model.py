@@ -15,9 +15,14 @@
    scenes (configs/default/extend.yaml, then configs/default/extend2.yaml)
 9. phase 4: stage 3 continues once more on 60,000 more scenes, with each scene's questions asked in
    one multi-turn conversation (configs/default/extend3.yaml)
-10. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
-11. `janus eval shapes` on the result, with those defaults
-12. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+10. phase 5 (configs/default/position.yaml): phase 4's encoder trained further to also tell where each
+   object's centre is (stage 0, configs/default/vit_centre.yaml) replaces its own; a stage-1 run
+   realigns the adaptors; then two rounds (PHASE5_ROUNDS) of two drills (configs/default/drill.yaml:
+   shape-of-colour, then relation questions alone; position, then relation questions alone), each
+   followed by stage 3 on the whole mixture, with 60,000 more scenes and the binding questions
+11. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+12. `janus eval shapes` on the result, with those defaults
+13. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -35,7 +40,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
-MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phase 4
+MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phases 4 and 5
+BINDING_SCENES = 40_000  # scenes of two shapes or more, with the questions of phase 5's drills
+# Phase 5's two rounds, each in its own working directory: drills (configs/default/drill.yaml: their
+# directory, the data_bind questions they train on, the seed), then stage 3 on the whole mixture
+# (configs/default/position.yaml, with these overrides).
+PHASE5_ROUNDS = (
+    ("position", (("drill_shape", "shape_questions", 21), ("drill_relation", "relation_questions", 22)), ()),
+    ("position2", (("drill_position", "position_questions", 31), ("drill_relation", "relation_questions", 32)),
+     ("train.steps=3000", "optim.decay_steps=1500", "train.seed=33")),
+)
 # CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
 # "Sampling defaults").
 GUIDANCE_SCALE = 2.0
@@ -87,7 +101,7 @@ def main() -> None:
         timings[name] = round(time.perf_counter() - started, 1)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
-    from janus.data.shapes import merge_conversations, write_dataset
+    from janus.data.shapes import merge_conversations, write_binding_dataset, write_dataset
     from janus.models.config import JanusConfig
     from janus.pipeline import DEFAULT_MODEL_DIR, GENERATION_CONFIG
     from janus.processing.tokenizer import train_sentencepiece
@@ -144,7 +158,35 @@ def main() -> None:
         step(f"conversations_{name}", split / "conversations.jsonl",
              lambda split=split: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
     continue_stage3("extend3")
-    final = root / "extend3" / "stage3" / "export"
+    # Phase 5.
+    phase4 = root / "extend3" / "stage3" / "export"
+    vit_centre = root / "vit_centre"
+    step("stage0_vit_centre", vit_centre / "vit.safetensors", lambda: run(sys.executable, "stages/stage0_vit.py", "--config", "configs/default/vit_centre.yaml",
+                                                                          "--set", f"out={vit_centre}", "--set", f"init_from={phase4}",
+                                                                          "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
+    new_scenes("data_qa2", "codes_qa2", seed=11)
+    qa2 = root / "data_qa2" / "train"
+    step("conversations_data_qa2", qa2 / "conversations.jsonl", lambda: merge_conversations(qa2 / "understanding.jsonl", qa2 / "conversations.jsonl"))
+    bind = root / "data_bind"
+    step("data_bind", bind / "shape_questions.jsonl", lambda: write_binding_dataset(bind, BINDING_SCENES, seed=9, resolution=64))
+    position = root / "position"
+    step("position_refit", position / "stage0" / "export", lambda: refit_encoder(phase4, vit_centre / "vit.safetensors", position / "stage0" / "export"))
+    step("position_stage1", position / "stage1" / "export",
+         lambda: run(sys.executable, "stages/stage1_adaptors.py", "--config", "configs/default/position.yaml", "--resume", "--set", f"root={position}"))
+    final = position / "stage1" / "export"
+    for name, drills, mix in PHASE5_ROUNDS:
+        directory = root / name
+        for drill, questions, seed in drills:
+            step(f"{name}_{drill}", directory / drill / "stage3" / "export",
+                 lambda drill=drill, questions=questions, seed=seed, start=final, directory=directory: run(
+                     sys.executable, "stages/stage3_sft.py", "--config", "configs/default/drill.yaml", "--resume", "--set", f"root={directory / drill}",
+                     "--set", f"init_from={start}", "--set", f"data.sources.understanding=[{bind / questions}.jsonl]", "--set", f"train.seed={seed}"))
+            final = directory / drill / "stage3" / "export"
+        step(f"{name}_stage3", directory / "stage3" / "export",
+             lambda directory=directory, start=final, mix=mix: run(
+                 sys.executable, "stages/stage3_sft.py", "--config", "configs/default/position.yaml", "--resume", "--set", f"root={directory}",
+                 "--set", f"init_from={start}", *(arg for item in mix for arg in ("--set", item))))
+        final = directory / "stage3" / "export"
     # Always written: an export inherits the generation_config.json of the checkpoint it started from.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
     (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
