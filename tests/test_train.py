@@ -18,9 +18,11 @@ import yaml
 import janus
 from janus.checkpoint import load_model
 from janus.testing import make_tiny_run
-from janus.train.config import load_run_config
+from janus.train.config import load_flat_config, load_run_config
 from janus.train.loop import flops_per_token
 from janus.train.stages import apply_stage
+from janus.train.vit import ViTRunConfig
+from janus.train.vq import VQRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {1: "stages/stage1_adaptors.py", 2: "stages/stage2_pretrain.py", 3: "stages/stage3_sft.py"}
@@ -161,10 +163,16 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
     assert cfg.data.sources["text"][0] == "/r/data/train/text.jsonl" and cfg.checkpoint.dir == "/r/extend/stage3"
 
 
-STAGE0_CONFIGS = {"vit.yaml", "vq.yaml"}  # another schema; their own tests run them
+STAGE0_CONFIGS = {"vit.yaml": ViTRunConfig, "vit_centre.yaml": ViTRunConfig, "vq.yaml": VQRunConfig}  # flat, not a run config
 RUN_CONFIGS = sorted(
     p.relative_to(REPO).as_posix() for d in ("configs", "configs/default") for p in (REPO / d).glob("*.yaml") if p.name not in STAGE0_CONFIGS
 )
+
+
+@pytest.mark.parametrize("name", sorted(STAGE0_CONFIGS))
+def test_every_stage0_config_loads_as_its_own_schema(name):
+    cfg = load_flat_config(STAGE0_CONFIGS[name], REPO / "configs/default" / name)
+    assert cfg.steps > 0 and cfg.out
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS)
