@@ -256,7 +256,10 @@ def test_binding_dataset_asks_one_question_per_record_about_scenes_of_two_shapes
     lines = manifests["understanding"].read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert all(len(r["conversation"]) == 2 and r["images"][0] in scenes for r in records)  # no earlier turn to give an answer away
-    drills = (("shape_questions", r"What shape"), ("relation_questions", r" relative to the "), ("position_questions", r"Where is the \w+ \w+ in the image\?"))
+    drills = (
+        ("shape_questions", r"What shape"), ("relation_questions", r" relative to the "),
+        ("position_questions", r"Where is the \w+ \w+ in the image\?"), ("count_questions", r"^<image_placeholder>\nHow many "),
+    )
     for drill, wording in drills:
         expected = [line for line, r in zip(lines, records) if re.search(wording, r["conversation"][0]["content"])]
         assert expected and manifests[drill].read_text().splitlines() == expected

@@ -746,13 +746,14 @@ def write_binding_dataset(out_dir: str | Path, n_scenes: int, seed: int, resolut
     """Write n_scenes training scenes of at least two shapes (no held-out pair) with their
     `binding_questions`, one question per record so that no earlier turn names an answer, and return
     the manifests: `understanding.jsonl` (every question), `scenes.jsonl` (the ground truth), and
-    `shape_questions.jsonl`, `relation_questions.jsonl` and `position_questions.jsonl` (the
-    shape-of-colour, relation and position questions alone, for drills), beside `images/NNNNNN.png`.
+    `shape_questions.jsonl`, `relation_questions.jsonl`, `position_questions.jsonl` and
+    `count_questions.jsonl` (the shape-of-colour, relation, position and count questions alone, for
+    drills), beside `images/NNNNNN.png`.
     Scenes come from their own seed stream, "binding" (docs/default_model.md, "Binding colour to
     shape")."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    drills = {"position": "position_questions", "relation": "relation_questions", "shape": "shape_questions"}
+    drills = {"count": "count_questions", "position": "position_questions", "relation": "relation_questions", "shape": "shape_questions"}
     records: dict[str, list[str]] = {"understanding": [], "scenes": [], **{name: [] for name in drills.values()}}  # the last one marks a finished set
     written = index = 0
     while written < n_scenes:
