@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import janus
 from janus.checkpoint import load_model
-from janus.data.shapes import COUNT_WORDS, Description, ObjectSpec, failed_clauses, render, sample_scene, scene_rng
+from janus.data.shapes import COUNT_WORDS, Description, ObjectSpec, failed_clauses, parse_description, render, sample_scene, scene_rng
 from janus.eval import detect
 from janus.eval.shapes_eval import evaluate_generation, evaluate_understanding
 from janus.models.config import ConfigError, JanusConfig
@@ -50,8 +51,8 @@ def test_shipped_model_is_small_and_loads_without_a_path():
     assert model.cfg.vq.image_size == 64
 
 
-# The shipped model is far from the targets (docs/default_model.md: generation 0.70 at its
-# sampling defaults, guidance weight 2 and temperature 0.7, VQA 0.83 at full size); these thresholds
+# The shipped model is far from the targets (docs/default_model.md: generation 0.71 at its
+# sampling defaults, guidance weight 2 and temperature 0.7, VQA 0.89 at full size); these thresholds
 # sit below what it measures and far above an untrained model's ~0, so they catch a broken or
 # replaced model, a sampler or a preprocessing regression.
 
@@ -62,16 +63,16 @@ def test_shipped_model_draws_what_the_prompt_says():
     prompt = Description("color_attr", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")))
     images = model.generate_image(prompt.text(), n=16, seed=0)
     correct = sum(not failed_clauses(prompt, detect(image)) for image in images)
-    assert correct >= 4, correct  # 13 of 16 measured
+    assert correct >= 4, correct  # 12 of 16 measured
 
 
 @shipped
 def test_shipped_model_short_eval_run():
     model = janus.load(None, device="cpu")
     generation = evaluate_generation(model, per_category=4, k=2, seed=7)
-    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.65 measured
+    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.58 measured
     understanding = evaluate_understanding(model, per_type=8, seed=7)
-    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.69 measured
+    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.88 measured
 
 
 @shipped
@@ -83,3 +84,18 @@ def test_shipped_model_counts_the_objects_in_a_scene():
         answer = model.chat("How many objects are there?", images=[render(scene, 64)], max_new_tokens=4)
         correct += answer.strip() == COUNT_WORDS[len(scene.objects)]
     assert correct >= 14, correct  # 19 of 20 measured
+
+
+@shipped
+def test_demo_examples_are_prompts_and_questions_the_shipped_model_handles(tmp_path):
+    from janus.serve.app import CHAT_EXAMPLES, GENERATE_EXAMPLES, write_example_images
+
+    model = janus.load(None, device="cpu")
+    for prompt in GENERATE_EXAMPLES:
+        description = parse_description(prompt)  # raises for a prompt outside the shapes world
+        images = model.generate_image(prompt, n=4, seed=0)
+        assert any(not failed_clauses(description, detect(image)) for image in images), prompt
+    paths = write_example_images(tmp_path)
+    expected = {"What colour is the circle?": "red", "How many squares are there?": "three"}
+    for question, name in CHAT_EXAMPLES:
+        assert model.chat(question, images=[Image.open(paths[name])], max_new_tokens=4).strip() == expected[question]

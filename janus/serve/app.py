@@ -12,27 +12,27 @@ from typing import AsyncIterator
 
 import gradio as gr
 from fastapi import FastAPI
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ..data.shapes import Scene, SceneObject, render
 from ..eval.clause_judge import RANK_CHOICES
 from .worker import ImageSettings, ModelWorker
 
-GENERATE_EXAMPLES = ["a red circle above a blue square", "three small yellow stars on a black background", "a green triangle left of a purple hexagon"]
+# Prompts, pictures and questions of the shapes world (docs/shapes.md), so that the built-in model, the
+# demo's default, can draw and answer them.
+GENERATE_EXAMPLES = ["a red circle above a blue square", "three yellow stars", "a green triangle left of a purple cross"]
+EXAMPLE_SCENES = {
+    "circle-and-square.png": Scene((SceneObject("circle", "red", "large", 0.5, 0.28), SceneObject("square", "blue", "large", 0.5, 0.72))),
+    "three-squares.png": Scene(tuple(SceneObject("square", "yellow", "large", x, y) for x, y in ((0.25, 0.3), (0.5, 0.5), (0.75, 0.3)))),
+}
+CHAT_EXAMPLES = [("What colour is the circle?", "circle-and-square.png"), ("How many squares are there?", "three-squares.png")]
 
 
-def write_example_images(directory: Path) -> tuple[Path, Path]:
-    """Two simple pictures for the chat examples, drawn here so that the package ships no binaries."""
-    shapes = Image.new("RGB", (384, 384), (200, 200, 200))
-    draw = ImageDraw.Draw(shapes)
-    draw.ellipse((132, 40, 252, 160), fill=(220, 30, 30))
-    draw.rectangle((132, 210, 252, 330), fill=(40, 60, 220))
-    squares = Image.new("RGB", (384, 384), (20, 20, 20))
-    draw = ImageDraw.Draw(squares)
-    for x in (40, 156, 272):
-        draw.rectangle((x, 156, x + 72, 228), fill=(230, 210, 40))
-    paths = directory / "circle-and-square.png", directory / "three-squares.png"
-    shapes.save(paths[0])
-    squares.save(paths[1])
+def write_example_images(directory: Path) -> dict[str, Path]:
+    """The chat examples' pictures by name, rendered here so that the package ships no binaries."""
+    paths = {name: directory / name for name in EXAMPLE_SCENES}
+    for name, scene in EXAMPLE_SCENES.items():
+        render(scene).save(paths[name])
     return paths
 
 
@@ -41,7 +41,7 @@ def chat_messages(turns: list[dict]) -> list[dict]:
     return [{"role": t["role"], "content": [*({"path": p} for p in t.get("images", [])), t["content"]]} for t in turns]
 
 
-def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blocks:
+def build_demo(worker: ModelWorker, example_images: dict[str, Path]) -> gr.Blocks:
     async def answer(
         message: dict, turns: list[dict], temperature: float, top_p: float, max_tokens: float, seed: float
     ) -> AsyncIterator[tuple]:
@@ -92,13 +92,7 @@ def build_demo(worker: ModelWorker, example_images: tuple[Path, Path]) -> gr.Blo
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
                 chat_seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1 = random)")
             new_chat = gr.Button("New conversation")
-            gr.Examples(
-                [
-                    [{"text": "What colour is the circle?", "files": [str(example_images[0])]}],
-                    [{"text": "How many squares are there in each picture?", "files": [str(p) for p in example_images]}],
-                ],
-                inputs=[box],
-            )
+            gr.Examples([[{"text": question, "files": [str(example_images[name])]}] for question, name in CHAT_EXAMPLES], inputs=[box])
             box.submit(answer, [box, turns, chat_temperature, top_p, max_tokens, chat_seed], [chatbot, turns, box])
             new_chat.click(lambda: ([], []), None, [chatbot, turns], queue=False)
         with gr.Tab("Generate"):
