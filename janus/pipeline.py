@@ -135,6 +135,15 @@ class Janus:
         or a judge function (prompt, images) -> scores [len(images)] such as
         `janus.eval.clause_judge.clause_judge(model)`.
         """
+        return self._draw(prompt, n, cfg_weight, temperature, top_k, top_p, seed, progress, batch_size, candidates, rank_by)[0]
+
+    def _draw(
+        self, prompt: str | Sequence[str], n: int = 1, cfg_weight: float | None = None, temperature: float | None = None,
+        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, progress: bool = False,
+        batch_size: int | None = None, candidates: int = 1, rank_by: str | Judge = "likelihood",
+    ) -> tuple[torch.Tensor, list[Image.Image] | None]:
+        """`generate_image_tokens`'s codes, and the kept images where a judge has already decoded them
+        (so that `generate_image` does not decode them twice); None otherwise."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
@@ -177,26 +186,31 @@ class Janus:
                     self.model.decoder.drop_cache("image")
         codes = torch.cat(codes)
         if candidates == 1:
-            return codes
+            return codes, None
+        images = None
         if by_likelihood:
             scores = torch.cat(loglik)
         else:
             judge = self.image_match if rank_by == "match" else rank_by
             per_prompt = n * candidates
-            scores = []
+            scores, images = [], []
             for i, p in enumerate(prompts):
-                judged = torch.as_tensor(judge(p, self.decode_image_tokens(codes[i * per_prompt : (i + 1) * per_prompt])))
+                drawn = self.decode_image_tokens(codes[i * per_prompt : (i + 1) * per_prompt])
+                judged = torch.as_tensor(judge(p, drawn))
                 if judged.shape != (per_prompt,):
                     raise ValueError(f"rank_by must give one score per image: {per_prompt} images, got shape {list(judged.shape)}")
                 scores.append(judged.float())
+                images += drawn
             scores = torch.cat(scores)
         # Rows come in runs of `candidates` for the same image; keep each run's best.
         best = scores.to(codes.device).view(-1, candidates).argmax(1)
-        return codes[best + torch.arange(len(best), device=best.device) * candidates]
+        kept = (best + torch.arange(len(best), device=best.device) * candidates).tolist()
+        return codes[kept], None if images is None else [images[i] for i in kept]
 
     def generate_image(self, prompt: str | Sequence[str], n: int = 1, **kwargs) -> list[Image.Image]:
         """n images per prompt (same keyword arguments as `generate_image_tokens`)."""
-        return self.decode_image_tokens(self.generate_image_tokens(prompt, n, **kwargs))
+        codes, images = self._draw(prompt, n, **kwargs)
+        return self.decode_image_tokens(codes) if images is None else images
 
     @torch.no_grad()
     def decode_image_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:

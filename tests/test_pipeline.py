@@ -141,6 +141,22 @@ def test_candidates_ranked_by_a_judge_function_keep_each_runs_best_judged(pipe):
         pipe.generate_image_tokens(prompts, candidates=2, rank_by="brightness")
 
 
+def test_judged_images_are_returned_without_a_second_decode(pipe, monkeypatch):
+    prompts = ["a red circle", "two blue squares"]
+    codes = pipe.generate_image_tokens(prompts, n=2, candidates=2, seed=3, rank_by=brightness_judge)
+    expected = pipe.decode_image_tokens(codes)
+    decoded = []
+    decode = pipe.decode_image_tokens
+    monkeypatch.setattr(pipe, "decode_image_tokens", lambda tokens: decoded.append(len(tokens)) or decode(tokens))
+    images = pipe.generate_image(prompts, n=2, candidates=2, seed=3, rank_by=brightness_judge)
+    assert decoded == [4, 4]  # each prompt's 4 candidates, once; the kept 4 are not decoded again
+    assert [np.asarray(i).tolist() for i in images] == [np.asarray(i).tolist() for i in expected]
+
+
+def brightness_judge(prompt, images):
+    return torch.tensor([float(np.asarray(image).mean()) for image in images])
+
+
 def test_batched_prompts_equal_each_alone_greedy(pipe):
     prompts = ["a red circle", "three small green triangles above a blue square", "a star"]
     batched = pipe.generate_image_tokens(prompts, n=2, temperature=0)
