@@ -29,6 +29,7 @@ from janus.data.shapes import (
     QA,
     RELATION_ANSWERS,
     Scene,
+    SceneObject,
     binding_questions,
     caption,
     clause_questions,
@@ -39,6 +40,7 @@ from janus.data.shapes import (
     merge_conversations,
     parse_description,
     plural,
+    raster_position,
     region,
     relation,
     relation_is_clear,
@@ -161,6 +163,40 @@ def test_captions_hold_for_their_scene():
             assert spec.shape in text and (spec.colour is None or spec.colour in text)
             assert spec.size is None or spec.size in text
     assert set(categories) == {"single_object", "two_object", "counting", "colors", "position", "color_attr", "mixed"}
+
+
+def test_raster_captions_name_objects_in_drawing_order():
+    relations = Counter()
+    for i, scene in enumerate(SCENES):
+        description = caption(scene, scene_rng(4, "captions", i), raster=8)
+        assert failed_clauses(description, list(scene.objects)) == []
+        if len(description.objects) != 2 or description.category == "counting":
+            continue
+        first = [o for o in scene.objects if not description.objects[0].mismatches(o)]
+        second = [o for o in scene.objects if not description.objects[1].mismatches(o)]
+        drawn_first = min(scene.objects, key=lambda o: raster_position(o, 8))
+        relations[description.relation] += 1
+        if description.relation in ("above", "below"):  # the word says which is drawn first
+            continue
+        # The first-named object is the one drawn first (where both fit the words, either may be).
+        assert drawn_first in first and (len(second) == 2 or drawn_first not in second), description
+    assert min(relations.values()) > 2 and set(relations) == {None, "left of", "right of", "above", "below"}
+    # Token rows of 1/8: the small square's top edge (row 1) is above the large circle's (row 2), so
+    # it is drawn first though its centre is lower; in one row the left one comes first.
+    square, circle = SceneObject("square", "red", "small", 0.75, 0.3), SceneObject("circle", "blue", "large", 0.25, 0.45)
+    assert raster_position(square, 8) == (1, 0.75) and raster_position(circle, 8) == (2, 0.25)
+    assert [o.shape for o in sorted([circle, square], key=lambda o: raster_position(o, 2))] == ["circle", "square"]
+    for seed in range(10):
+        assert caption(Scene((circle, square)), scene_rng(seed, "captions", 0), raster=8).objects[0].shape == "square"
+
+
+def test_raster_datasets_differ_from_plain_ones_only_in_generation_captions(tmp_path):
+    write_dataset(tmp_path / "plain", 40, seed=5, resolution=32, splits={"train": 1.0})
+    write_dataset(tmp_path / "raster", 40, seed=5, resolution=32, splits={"train": 1.0}, raster=8)
+    plain, raster = _files(tmp_path / "plain"), _files(tmp_path / "raster")
+    assert {k for k in plain if plain[k] != raster[k]} == {"train/generation.jsonl"}
+    lines = zip(plain["train/generation.jsonl"].splitlines(), raster["train/generation.jsonl"].splitlines())
+    assert sum(a != b for a, b in lines) > 5  # about half the scenes of several objects are named the other way round
 
 
 def _objects(scene, colour=None, shape=None):

@@ -383,13 +383,27 @@ def scene_for(description: Description, rng: random.Random) -> Scene:
             return scene
 
 
-def caption(scene: Scene, rng: random.Random) -> Description:
-    """A description that holds for the scene, drawn from the templates that fit it."""
+def raster_position(obj: SceneObject, tokens_per_side: int) -> tuple[int, float]:
+    """Where an image generated token by token, row by row, on a grid of tokens_per_side squared
+    starts drawing `obj`: the token row of its top edge, then how far left it is."""
+    return int((obj.y - obj.side / 2) * tokens_per_side + 1e-9), obj.x
+
+
+def caption(scene: Scene, rng: random.Random, raster: int | None = None) -> Description:
+    """A description that holds for the scene, drawn from the templates that fit it.
+
+    Objects are named in random order, or with `raster` (tokens per image side) in the order an image
+    generated row by row on that token grid starts drawing them (`raster_position`), except in
+    "above"/"below" captions, where the relation already says which comes first. Named in random
+    order, "a circle and a square" leaves the generator free to start with either, and a model that
+    has not settled which it drew first draws the second object with the first one's shape half of
+    the time (docs/default_model.md, "Naming objects in drawing order")."""
     objects = list(scene.objects)
     rng.shuffle(objects)  # the order things are named in
+    named = sorted(objects, key=lambda o: raster_position(o, raster)) if raster else objects
     with_size = rng.random() < 0.25
 
-    def specs(colour: bool = True) -> tuple[ObjectSpec, ...]:
+    def specs(colour: bool = True, objects: list[SceneObject] = named) -> tuple[ObjectSpec, ...]:
         return tuple(ObjectSpec(o.shape, o.colour if colour else None, o.size if with_size else None) for o in objects)
 
     distinct = len({o.descriptor for o in objects})
@@ -400,7 +414,8 @@ def caption(scene: Scene, rng: random.Random) -> Description:
     elif len(objects) == 2:
         candidates = [Description("color_attr", specs()), Description("two_object", specs(colour=False))]
         if relation_is_clear(*objects):
-            candidates.append(Description("position", specs(), relation(*objects)))
+            pair = named if relation(*named) in ("left of", "right of") else objects
+            candidates.append(Description("position", specs(objects=pair), relation(*pair)))
     else:
         candidates = [Description("mixed", specs()), Description("mixed", specs(colour=False))]
     return rng.choice(candidates)
@@ -683,6 +698,7 @@ def write_dataset(
     questions_per_scene: int = 4,
     questions_per_type: int = 1,
     match_questions: int = 0,
+    raster: int | None = None,
 ) -> dict[str, dict[str, Path]]:
     """Write splits of scenes in the training data format (docs/data.md) and return their manifests.
 
@@ -691,6 +707,7 @@ def write_dataset(
     `generation.jsonl` (one caption per scene), `text.jsonl` (one description per scene) and
     `scenes.jsonl` (the ground truth). The split named "train" holds no held-out pair (HELDOUT_PAIRS).
     `match_questions` adds that many `match_question`s per scene, each at a random place among the others.
+    `raster` (tokens per image side) names each caption's objects in drawing order (`caption`).
     """
     splits = splits if splits is not None else {"train": 0.9, "heldout": 0.1}
     out = Path(out_dir)
@@ -713,7 +730,7 @@ def write_dataset(
                     {"role": "assistant", "content": qa.answer},
                 ]
                 lines["understanding"].append(_json({"kind": "understanding", "images": [name], "conversation": conversation}))
-            lines["generation"].append(_json({"kind": "generation", "caption": caption(scene, rng).text(rng), "image": name}))
+            lines["generation"].append(_json({"kind": "generation", "caption": caption(scene, rng, raster).text(rng), "image": name}))
             lines["text"].append(_json({"kind": "text", "text": scene_text(scene, rng)}))
             lines["scenes"].append(_json({"image": name, **scene.to_json()}))
         manifests[split] = {}
