@@ -20,9 +20,12 @@
    realigns the adaptors; then two rounds (PHASE5_ROUNDS) of two drills (configs/default/drill.yaml:
    shape-of-colour, then relation questions alone; position, then relation questions alone), each
    followed by stage 3 on the whole mixture, with 60,000 more scenes and the binding questions
-11. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
-12. `janus eval shapes` on the result, with those defaults
-13. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+11. phase 6 (configs/default/raster.yaml): two rounds (PHASE6_ROUNDS) of 60,000 new scenes whose
+   captions name objects in the order the 8 x 8 token image draws them (`write_dataset(raster=8)`),
+   each followed by stage 3 on all such scenes so far and the binding questions
+12. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+13. `janus eval shapes` on the result, with those defaults
+14. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -40,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = 60_000
-MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phases 4 and 5
+MORE_SCENES = 60_000  # new scenes (another seed) for each later step: phase 2, both steps of phase 3, phases 4, 5 and 6
 BINDING_SCENES = 40_000  # scenes of two shapes or more, with the questions of phase 5's drills
 # Phase 5's two rounds, each in its own working directory: drills (configs/default/drill.yaml: their
 # directory, the data_bind questions they train on, the seed), then stage 3 on the whole mixture
@@ -50,6 +53,10 @@ PHASE5_ROUNDS = (
     ("position2", (("drill_position", "position_questions", 31), ("drill_relation", "relation_questions", 32)),
      ("train.steps=3000", "optim.decay_steps=1500", "train.seed=33")),
 )
+# Phase 6's rounds: the working directory (its scenes go to data_<name>, their codes to codes_<name>),
+# the scenes' seed, and stage 3's steps and seed, on every round's scenes so far.
+PHASE6_ROUNDS = (("raster", 12, 3000, 40), ("raster2", 13, 4000, 41))
+RASTER = 8  # image tokens per side (64 px, the VQ's 8x downsampling)
 # CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
 # "Sampling defaults").
 GUIDANCE_SCALE = 2.0
@@ -73,6 +80,11 @@ def training_texts(data: Path, roles: tuple[str, str]):
                     yield record["text"]
                 else:
                     yield render_chat(record["conversation"], roles, DEFAULT_SYSTEM_PROMPT)
+
+
+def listed(paths: list[Path]) -> str:
+    """A list of paths as a `--set` value."""
+    return "[" + ",".join(map(str, paths)) + "]"
 
 
 def run(*command: str) -> None:
@@ -129,10 +141,11 @@ def main() -> None:
     step("stage0_vit", vit / "vit.safetensors", lambda: run(sys.executable, "stages/stage0_vit.py", "--config", "configs/default/vit.yaml", "--set", f"out={vit}",
                                                             "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
 
-    def new_scenes(name: str, codes_dir: str, seed: int) -> None:
-        """MORE_SCENES training scenes in root/name and their generation images' codes in root/codes_dir."""
+    def new_scenes(name: str, codes_dir: str, seed: int, raster: int | None = None) -> None:
+        """MORE_SCENES training scenes in root/name and their generation images' codes in root/codes_dir
+        (`raster`: as `write_dataset`'s)."""
         out = root / name
-        step(name, out / "train" / "scenes.jsonl", lambda: write_dataset(out, MORE_SCENES, seed=seed, resolution=64, splits={"train": 1.0}))
+        step(name, out / "train" / "scenes.jsonl", lambda: write_dataset(out, MORE_SCENES, seed=seed, resolution=64, splits={"train": 1.0}, raster=raster))
         step(f"tokenize_{name}", root / codes_dir, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(out / "train" / "generation.jsonl"),
                                                                "--model", str(stage0), "--out", str(root / codes_dir)))
 
@@ -153,10 +166,14 @@ def main() -> None:
         continue_stage3(name)
     # Phase 4.
     new_scenes("data_extra3", "codes_extra3", seed=4)
-    for name in ("data", "data_more", "data_extra", "data_extra2", "data_extra3"):
+
+    def conversations(name: str) -> None:
         split = root / name / "train"
         step(f"conversations_{name}", split / "conversations.jsonl",
-             lambda split=split: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
+             lambda: merge_conversations(split / "understanding.jsonl", split / "conversations.jsonl"))
+
+    for name in ("data", "data_more", "data_extra", "data_extra2", "data_extra3"):
+        conversations(name)
     continue_stage3("extend3")
     # Phase 5.
     phase4 = root / "extend3" / "stage3" / "export"
@@ -165,8 +182,7 @@ def main() -> None:
                                                                           "--set", f"out={vit_centre}", "--set", f"init_from={phase4}",
                                                                           "--set", f"train_scenes=[{data}/train/scenes.jsonl]", "--set", f"heldout_scenes=[{data}/heldout/scenes.jsonl]"))
     new_scenes("data_qa2", "codes_qa2", seed=11)
-    qa2 = root / "data_qa2" / "train"
-    step("conversations_data_qa2", qa2 / "conversations.jsonl", lambda: merge_conversations(qa2 / "understanding.jsonl", qa2 / "conversations.jsonl"))
+    conversations("data_qa2")
     bind = root / "data_bind"
     step("data_bind", bind / "shape_questions.jsonl", lambda: write_binding_dataset(bind, BINDING_SCENES, seed=9, resolution=64))
     position = root / "position"
@@ -187,6 +203,22 @@ def main() -> None:
                  sys.executable, "stages/stage3_sft.py", "--config", "configs/default/position.yaml", "--resume", "--set", f"root={directory}",
                  "--set", f"init_from={start}", *(arg for item in mix for arg in ("--set", item))))
         final = directory / "stage3" / "export"
+    # Phase 6.
+    raster_rounds: list[str] = []
+    for name, seed, steps, train_seed in PHASE6_ROUNDS:
+        new_scenes(f"data_{name}", f"codes_{name}", seed=seed, raster=RASTER)
+        conversations(f"data_{name}")
+        raster_rounds.append(name)
+        files = {kind: [root / f"data_{r}" / "train" / f"{kind}.jsonl" for r in raster_rounds] for kind in ("conversations", "text", "generation")}
+        settings = [
+            f"root={root / name}", f"init_from={final}",
+            f"data.sources.understanding={listed([*files['conversations'], bind / 'understanding.jsonl'])}",
+            f"data.sources.text={listed(files['text'])}", f"data.sources.generation={listed(files['generation'])}",
+            f"data.code_cache={listed([root / f'codes_{r}' for r in raster_rounds])}", f"train.steps={steps}", f"train.seed={train_seed}",
+        ]
+        step(name, root / name / "stage3" / "export", lambda settings=settings: run(
+            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/raster.yaml", "--resume", *(a for item in settings for a in ("--set", item))))
+        final = root / name / "stage3" / "export"
     # Always written: an export inherits the generation_config.json of the checkpoint it started from.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
     (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
