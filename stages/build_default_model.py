@@ -87,6 +87,11 @@ def listed(paths: list[Path]) -> str:
     return "[" + ",".join(map(str, paths)) + "]"
 
 
+def overrides(settings: list[str] | tuple[str, ...]) -> list[str]:
+    """`--set` arguments for config settings "key=value"."""
+    return [arg for item in settings for arg in ("--set", item)]
+
+
 def run(*command: str) -> None:
     print("+", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
@@ -201,7 +206,7 @@ def main() -> None:
         step(f"{name}_stage3", directory / "stage3" / "export",
              lambda directory=directory, start=final, mix=mix: run(
                  sys.executable, "stages/stage3_sft.py", "--config", "configs/default/position.yaml", "--resume", "--set", f"root={directory}",
-                 "--set", f"init_from={start}", *(arg for item in mix for arg in ("--set", item))))
+                 "--set", f"init_from={start}", *overrides(mix)))
         final = directory / "stage3" / "export"
     # Phase 6.
     raster_rounds: list[str] = []
@@ -217,7 +222,7 @@ def main() -> None:
             f"data.code_cache={listed([root / f'codes_{r}' for r in raster_rounds])}", f"train.steps={steps}", f"train.seed={train_seed}",
         ]
         step(name, root / name / "stage3" / "export", lambda settings=settings: run(
-            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/raster.yaml", "--resume", *(a for item in settings for a in ("--set", item))))
+            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/raster.yaml", "--resume", *overrides(settings)))
         final = root / name / "stage3" / "export"
     # Always written: an export inherits the generation_config.json of the checkpoint it started from.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
