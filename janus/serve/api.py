@@ -196,7 +196,8 @@ def _sse(payload: dict | str) -> str:
 class _LimitBody:
     """ASGI middleware: a body of more than `limit` bytes sent to the API gets HTTP 413 before it is
     all held in memory. A declared Content-Length is checked before reading; otherwise (chunked
-    uploads) the bytes are counted as they arrive."""
+    uploads) the bytes are counted as they arrive. Either way the rest is read and dropped before
+    the 413 goes out."""
 
     def __init__(self, app: Callable, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -206,7 +207,7 @@ class _LimitBody:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send, more=True)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -214,9 +215,9 @@ class _LimitBody:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_large(scope, receive, send)
             more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._too_large(scope, receive, send, more)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         async def replay() -> dict:
@@ -228,7 +229,17 @@ class _LimitBody:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _too_large(self, scope: dict, receive: Callable, send: Callable, more: bool) -> None:
+        # Read and drop what the client is still sending (up to another `limit` bytes) before
+        # answering: closing a socket that holds unread bytes resets the connection, and the
+        # client can lose the 413 it was sent.
+        dropped = 0
+        while more and dropped <= self.limit:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            dropped += len(message.get("body", b""))
+            more = message.get("more_body", False)
         message = f"request body is larger than the limit of {self.limit} bytes"
         await _client_error(message, 413, {"connection": "close"})(scope, receive, send)
 
