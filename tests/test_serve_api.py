@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -16,7 +17,7 @@ import janus
 from janus.cli import main
 from janus.eval.clause_judge import clause_judge
 from janus.serve import create_app, serve_in_background
-from janus.serve.api import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+from janus.serve.api import _LimitBody, MAX_BODY_BYTES, MAX_CANDIDATES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
 from janus.testing import save_tiny_checkpoint, steer_eos
 
 
@@ -312,6 +313,29 @@ def test_request_bodies_over_the_limit_are_413_and_the_server_still_serves(clien
     assert chunked.status_code == 413
     ok = client.post("/v1/images/generations", json={"prompt": "a cat", "seed": 1})
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+@pytest.mark.parametrize(("content_length", "chunks", "reads"), [(b"1800", 3, 3), (None, 3, 3), (None, 100, 6)])
+def test_the_rest_of_an_over_limit_body_is_read_before_the_413(content_length, chunks, reads):
+    # Answering while the client still sends, then closing, resets the connection, and the client
+    # can lose the answer; so the rest of the body is read (and dropped) before the response starts,
+    # up to twice the limit: the third case's client would go on sending 60,000 bytes.
+    events = []
+
+    async def receive() -> dict:
+        events.append("read")
+        return {"type": "http.request", "body": b"x" * 600, "more_body": events.count("read") < chunks}
+
+    async def send(message: dict) -> None:
+        events.append(message["type"])
+
+    async def app(scope, receive, send):
+        raise AssertionError("an over-limit body must not reach the app")
+
+    headers = [(b"content-length", content_length)] if content_length else []
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "headers": headers, "query_string": b""}
+    asyncio.run(_LimitBody(app, limit=1000)(scope, receive, send))
+    assert events == ["read"] * reads + ["http.response.start", "http.response.body"]
 
 
 def test_images_without_cfg_or_temperature_use_the_models_defaults(client, model, monkeypatch):

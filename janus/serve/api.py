@@ -230,11 +230,11 @@ class _LimitBody:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: dict, receive: Callable, send: Callable, more: bool) -> None:
-        # Read and drop what the client is still sending (up to another `limit` bytes) before
+        # Read and drop what the client is still sending (up to twice `limit` bytes) before
         # answering: closing a socket that holds unread bytes resets the connection, and the
-        # client can lose the 413 it was sent.
+        # client can lose the 413 it was sent. A client that sends more than that may lose it.
         dropped = 0
-        while more and dropped <= self.limit:
+        while more and dropped <= 2 * self.limit:
             message = await receive()
             if message["type"] != "http.request":  # the client left
                 return
