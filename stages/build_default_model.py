@@ -20,7 +20,7 @@
    realigns the adaptors; then two rounds (PHASE5_ROUNDS) of two drills (configs/default/drill.yaml:
    shape-of-colour, then relation questions alone; position, then relation questions alone), each
    followed by stage 3 on the whole mixture, with 60,000 more scenes and the binding questions
-11. phase 6 (configs/default/raster.yaml): two rounds (PHASE6_ROUNDS) of 60,000 new scenes whose
+11. phase 6 (configs/default/raster.yaml): rounds (PHASE6_ROUNDS) of 60,000 new scenes whose
    captions name objects in the order the 8 x 8 token image draws them (`write_dataset(raster=8)`),
    each followed by stage 3 on all such scenes so far and the binding questions
 12. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
@@ -55,7 +55,7 @@ PHASE5_ROUNDS = (
 )
 # Phase 6's rounds: the working directory (its scenes go to data_<name>, their codes to codes_<name>),
 # the scenes' seed, and stage 3's steps and seed, on every round's scenes so far.
-PHASE6_ROUNDS = (("raster", 12, 3000, 40), ("raster2", 13, 4000, 41))
+PHASE6_ROUNDS = (("raster", 12, 3000, 40), ("raster2", 13, 4000, 41), ("raster3", 14, 5000, 42))
 RASTER = 8  # image tokens per side (64 px, the VQ's 8x downsampling)
 # CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
 # "Sampling defaults").
