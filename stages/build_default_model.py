@@ -55,7 +55,8 @@ PHASE5_ROUNDS = (
 )
 # Phase 6's rounds: the working directory (its scenes go to data_<name>, their codes to codes_<name>),
 # the scenes' seed, and stage 3's steps and seed, on every round's scenes so far.
-PHASE6_ROUNDS = (("raster", 12, 3000, 40), ("raster2", 13, 4000, 41), ("raster3", 14, 5000, 42))
+PHASE6_ROUNDS = (("raster", 12, 3000, 40), ("raster2", 13, 4000, 41), ("raster3", 14, 5000, 42),
+                 ("raster4", 15, 5000, 43), ("raster5", 16, 5000, 44))
 RASTER = 8  # image tokens per side (64 px, the VQ's 8x downsampling)
 # CFG 5 over-sharpens this small model; 2 and temperature 0.7 measured best (docs/default_model.md,
 # "Sampling defaults").

@@ -63,16 +63,16 @@ def test_shipped_model_draws_what_the_prompt_says():
     prompt = Description("color_attr", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")))
     images = model.generate_image(prompt.text(), n=16, seed=0)
     correct = sum(not failed_clauses(prompt, detect(image)) for image in images)
-    assert correct >= 4, correct  # 15 of 16 measured
+    assert correct >= 4, correct  # 16 of 16 measured
 
 
 @shipped
 def test_shipped_model_short_eval_run():
     model = janus.load(None, device="cpu")
     generation = evaluate_generation(model, per_category=4, k=2, seed=7)
-    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.83 measured
+    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.85 measured
     understanding = evaluate_understanding(model, per_type=8, seed=7)
-    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.92 measured
+    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.90 measured
 
 
 @shipped
