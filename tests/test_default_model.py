@@ -51,7 +51,7 @@ def test_shipped_model_is_small_and_loads_without_a_path():
     assert model.cfg.vq.image_size == 64
 
 
-# The shipped model is below the targets (docs/default_model.md: generation 0.84 at its
+# The shipped model is below the targets (docs/default_model.md: generation 0.85 at its
 # sampling defaults, guidance weight 2 and temperature 0.7, VQA 0.91 at full size); these thresholds
 # sit below what it measures and far above an untrained model's ~0, so they catch a broken or
 # replaced model, a sampler or a preprocessing regression.
