@@ -23,9 +23,11 @@
 11. phase 6 (configs/default/raster.yaml): rounds (PHASE6_ROUNDS) of 60,000 new scenes whose
    captions name objects in the order the 8 x 8 token image draws them (`write_dataset(raster=8)`),
    each followed by stage 3 on all such scenes so far and the binding questions
-12. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
-13. `janus eval shapes` on the result, with those defaults
-14. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+12. phase 7 (configs/default/vq_decoder.yaml): the VQ's decoder refitted on phase 6's last scenes, its
+   encoder and codebook frozen so that every image keeps its codes, and put into the model
+13. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+14. `janus eval shapes` on the result, with those defaults
+15. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -123,7 +125,7 @@ def main() -> None:
     from janus.models.config import JanusConfig
     from janus.pipeline import DEFAULT_MODEL_DIR, GENERATION_CONFIG
     from janus.processing.tokenizer import train_sentencepiece
-    from janus.train.assemble import assemble_model, refit_encoder
+    from janus.train.assemble import assemble_model, refit_encoder, refit_vq_decoder
 
     cfg = JanusConfig.preset("shapes")
     data = root / "data"
@@ -225,6 +227,14 @@ def main() -> None:
         step(name, root / name / "stage3" / "export", lambda settings=settings: run(
             sys.executable, "stages/stage3_sft.py", "--config", "configs/default/raster.yaml", "--resume", *overrides(settings)))
         final = root / name / "stage3" / "export"
+    # Phase 7.
+    vq_decoder = root / "vq_decoder"
+    step("stage0_vq_decoder", vq_decoder / "vq.safetensors", lambda: run(
+        sys.executable, "stages/stage0_vq.py", "--config", "configs/default/vq_decoder.yaml", "--set", f"out={vq_decoder}", "--set", f"init_from={final}",
+        "--set", f"train_data=[{root / f'data_{raster_rounds[-1]}' / 'train' / 'generation.jsonl'}]", "--set", f"heldout_data=[{data}/heldout/generation.jsonl]"))
+    sharp = root / "sharp" / "export"
+    step("refit_vq_decoder", sharp, lambda: refit_vq_decoder(final, vq_decoder / "vq.safetensors", sharp))
+    final = sharp
     # Always written: an export inherits the generation_config.json of the checkpoint it started from.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
     (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer;
-and refitting a trained model with a pretrained understanding encoder.
+refitting a trained model with a pretrained understanding encoder or a refitted VQ decoder.
 
 This is the "stage 0 export" that stage 1 starts from when no pretrained checkpoint is used, as for
 the built-in default model (stages/build_default_model.py).
@@ -61,4 +61,21 @@ def refit_encoder(src: str | Path, vit_weights: str | Path, out: str | Path) -> 
     stage-0 `vit.safetensors`); the adaptor then needs realigning (a stage-1 run) before use."""
     model = load_model(src, "cpu")
     load_encoder(model, vit_weights)
+    return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)
+
+
+def refit_vq_decoder(src: str | Path, vq_weights: str | Path, out: str | Path) -> Path:
+    """Write the checkpoint `src` to `out` with its VQ replaced by `vq_weights` (a stage-0
+    `vq.safetensors` made with `train: decoder` from this model's VQ). Only the decoder may differ:
+    a changed encoder or codebook would give images other codes than the ones the model learnt."""
+    model = load_model(src, "cpu")
+    new = load_file(str(vq_weights))
+    old = model.vq.state_dict()
+    if set(new) != set(old) or any(new[k].shape != old[k].shape for k in old):
+        raise ConfigError(f"{vq_weights} does not fit the VQ of {src}")
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv.", "quantize.")) and not torch.equal(new[k], old[k].to(new[k].dtype))]
+    if frozen:
+        raise ConfigError(f"{vq_weights} changes the encoder or codebook of {src}'s VQ ({', '.join(frozen[:3])} ...): "
+                          "only a decoder refit (stage 0 with train: decoder) keeps the model's image codes")
+    model.vq.load_state_dict(new)
     return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)
