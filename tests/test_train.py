@@ -163,7 +163,7 @@ def test_run_config_defaults_placeholders_and_errors(tmp_path):
     assert cfg.data.sources["text"][0] == "/r/data/train/text.jsonl" and cfg.checkpoint.dir == "/r/extend/stage3"
 
 
-STAGE0_CONFIGS = {"vit.yaml": ViTRunConfig, "vit_centre.yaml": ViTRunConfig, "vq.yaml": VQRunConfig}  # flat, not a run config
+STAGE0_CONFIGS = {"vit.yaml": ViTRunConfig, "vit_centre.yaml": ViTRunConfig, "vq.yaml": VQRunConfig, "vq_decoder.yaml": VQRunConfig}  # flat, not a run config
 RUN_CONFIGS = sorted(
     p.relative_to(REPO).as_posix() for d in ("configs", "configs/default") for p in (REPO / d).glob("*.yaml") if p.name not in STAGE0_CONFIGS
 )
