@@ -252,6 +252,28 @@ def test_stage_freezing_policy():
         assert not any(p.requires_grad for p in model.vq.parameters())
 
 
+def test_trains_override_moves_only_the_named_modules(tmp_path):
+    """`trains: [vision, und_adaptor]` (phase 8 of the default model): the understanding path learns and
+    every other weight, the decoder and the generation path included, comes out bit-identical."""
+    from janus.models.config import JanusConfig
+    from janus.models.unified import JanusModel
+
+    root = make_tiny_run(tmp_path / "run")
+    run(command(3, root, "init_from={root}/stage0/export", "train.steps=4", "optim.lr=0.003", "optim.warmup_steps=0",
+                "checkpoint.every=1000", "trains=[vision, und_adaptor]"))
+    before, after = weights(root / "stage0" / "export"), weights(root / "stage3" / "export")
+    assert changed(before, after, "vision.") and changed(before, after, "und_adaptor.")
+    for prefix in ("decoder.", "gen_embed.", "gen_adaptor.", "gen_head.", "vq."):
+        assert not changed(before, after, prefix), prefix
+    model = JanusModel(JanusConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="has no modules \\['encoder'\\]"):
+        apply_stage(model, 3, ["encoder"])
+    with pytest.raises(ValueError, match="stage 0"):
+        apply_stage(model, 3, ["vq"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        load_run_config(REPO / "configs/tiny.yaml", ["trains=[]"], stage=3)
+
+
 def test_learning_rate_warms_up_stays_constant_and_optionally_decays(tmp_path):
     root = make_tiny_run(tmp_path / "run")
     run(command(1, root, "train.steps=5", "optim.warmup_steps=4", "optim.lr=0.002", "checkpoint.every=100"))

@@ -72,6 +72,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: dict[str, Any] | str = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     log_every: int = 10
+    # Modules that receive gradients (names of JanusModel's children); default: the stage's. E.g.
+    # [vision, und_adaptor] trains the understanding path alone and leaves generation bit-identical.
+    trains: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -91,6 +94,10 @@ class RunConfig:
         self.data.sources = {kind: [os.path.normpath(f) for f in files] for kind, files in self.data.sources.items()}
         if self.data.prefetch_rows < 0:
             raise ValueError(f"data.prefetch_rows must be 0 or more, got {self.data.prefetch_rows}")
+        if self.trains is not None:
+            if not self.trains or not all(isinstance(name, str) for name in self.trains):
+                raise ValueError(f"trains must be a non-empty list of module names, got {self.trains!r}")
+            self.trains = list(self.trains)
         if self.optim.lr is None:
             self.optim.lr = defaults.lr
         if self.optim.warmup_steps is None:

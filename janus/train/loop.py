@@ -122,7 +122,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.init_from, device="cpu", dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(cfg.init_from)
-    trainable = apply_stage(model, cfg.stage)
+    trainable = apply_stage(model, cfg.stage, cfg.trains)
     model.train()
     model.vq.eval()  # frozen tokenizer
     model.decoder.checkpoint_layers = cfg.train.activation_checkpointing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..models.unified import JanusModel
@@ -23,15 +24,17 @@ STAGES = {
 }
 
 
-def apply_stage(model: JanusModel, stage: int) -> list[str]:
+def apply_stage(model: JanusModel, stage: int, trains: Sequence[str] | None = None) -> list[str]:
     """Freeze everything the stage does not train (the VQ tokenizer is always frozen); return the
-    names of the trainable modules."""
+    names of the trainable modules. `trains` replaces the stage's own list."""
     if stage not in STAGES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
-    trains = STAGES[stage].trains
+    trains = STAGES[stage].trains if trains is None else tuple(trains)
     names = {name for name, _ in model.named_children()}
     if not set(trains) <= names:
-        raise ValueError(f"model has no modules {sorted(set(trains) - names)}")
+        raise ValueError(f"model has no modules {sorted(set(trains) - names)}; it has {sorted(names)}")
+    if "vq" in trains:
+        raise ValueError("the VQ tokenizer is trained in stage 0 (stages/stage0_vq.py), not here")
     for name, module in model.named_children():
         module.requires_grad_(name in trains)
     return list(trains)
