@@ -24,9 +24,13 @@
    captions name objects in the order the 8 x 8 token image draws them (`write_dataset(raster=8)`),
    each followed by stage 3 on all such scenes so far and the binding questions
 12. phase 7 (configs/default/vq_decoder.yaml): the VQ's decoder refitted on phase 6's last scenes, its
-   encoder and codebook frozen so that every image keeps its codes, and put into the model
-13. the model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
-14. `janus eval shapes` on the result, with those defaults
+   encoder and codebook frozen so that every image keeps its codes, and put into the model; the
+   model's image sampling defaults (GUIDANCE_SCALE, TEMPERATURE) go to its generation_config.json
+13. phase 8 (configs/default/self_train.yaml): the model draws SELF_CANDIDATES pictures for each of
+   SELF_CAPTIONS captions of new scenes, its own answers to each caption's clause questions keep the
+   best (janus.train.self_generate), and stage 3 trains on the confident picks, with 60,000 new
+   scenes' conversations (a question of every type each) and the binding questions
+14. `janus eval shapes` on the result, with the sampling defaults
 15. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -65,6 +70,11 @@ RASTER = 8  # image tokens per side (64 px, the VQ's 8x downsampling)
 GUIDANCE_SCALE = 2.0
 TEMPERATURE = 0.7
 TOKENIZER_VOCAB = 512
+# Phase 8: captions drawn, candidates per caption, and the judge score a pick needs to be trained on:
+# log(1/2), the model at least even odds that every clause of the caption holds.
+SELF_CAPTIONS = 6_000
+SELF_CANDIDATES = 4
+SELF_MIN_SCORE = math.log(0.5)
 STAGE_SCRIPTS = {1: "stage1_adaptors.py", 2: "stage2_pretrain.py", 3: "stage3_sft.py"}
 
 
@@ -121,11 +131,13 @@ def main() -> None:
         timings[name] = round(time.perf_counter() - started, 1)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
+    import janus
     from janus.data.shapes import merge_conversations, write_binding_dataset, write_dataset
     from janus.models.config import JanusConfig
     from janus.pipeline import DEFAULT_MODEL_DIR, GENERATION_CONFIG
     from janus.processing.tokenizer import train_sentencepiece
     from janus.train.assemble import assemble_model, refit_encoder, refit_vq_decoder
+    from janus.train.self_generate import keep_confident, write_judged_generations
 
     cfg = JanusConfig.preset("shapes")
     data = root / "data"
@@ -234,10 +246,20 @@ def main() -> None:
         "--set", f"train_data=[{root / f'data_{raster_rounds[-1]}' / 'train' / 'generation.jsonl'}]", "--set", f"heldout_data=[{data}/heldout/generation.jsonl]"))
     sharp = root / "sharp" / "export"
     step("refit_vq_decoder", sharp, lambda: refit_vq_decoder(final, vq_decoder / "vq.safetensors", sharp))
-    final = sharp
-    # Always written: an export inherits the generation_config.json of the checkpoint it started from.
+    # Always written: an export inherits the generation_config.json of the checkpoint it started from,
+    # and phase 8 samples with these defaults.
     defaults = {"guidance_scale": GUIDANCE_SCALE, "temperature": TEMPERATURE}
-    (final / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
+    (sharp / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
+    # Phase 8.
+    und = root / "data_und"
+    step("data_und", und / "train" / "scenes.jsonl", lambda: write_dataset(und, MORE_SCENES, seed=17, resolution=64, splits={"train": 1.0}, questions_per_scene=7))
+    conversations("data_und")
+    judged = root / "data_self" / "judged.jsonl"
+    step("data_self", judged, lambda: write_judged_generations(janus.load(sharp), judged.parent, SELF_CAPTIONS, seed=18, candidates=SELF_CANDIDATES))
+    confident = judged.with_name("confident.jsonl")
+    step("confident", confident, lambda: keep_confident(judged, confident, SELF_MIN_SCORE))
+    continue_stage3("self_train")
+    final = root / "self_train" / "stage3" / "export"
     step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))
     if args.install:
         staging = DEFAULT_MODEL_DIR.with_name(".default_model.new")
