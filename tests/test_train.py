@@ -253,7 +253,7 @@ def test_stage_freezing_policy():
 
 
 def test_trains_override_moves_only_the_named_modules(tmp_path):
-    """`trains: [vision, und_adaptor]` (phase 8 of the default model): the understanding path learns and
+    """`trains: [vision, und_adaptor]` (configs/default/und_encoder.yaml): the understanding path learns and
     every other weight, the decoder and the generation path included, comes out bit-identical."""
     from janus.models.config import JanusConfig
     from janus.models.unified import JanusModel
