@@ -260,12 +260,14 @@ def main() -> None:
     step("confident", confident, lambda: keep_confident(judged, confident, SELF_MIN_SCORE))
     continue_stage3("self_train")
     final = root / "self_train" / "stage3" / "export"
-    step("eval", root / "eval.json", lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(root / "eval.json")))
+    # Beside the model it measures, so that a build continued with a later phase evaluates the new one.
+    evaluation = final.parent / "eval.json"
+    step("eval", evaluation, lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(evaluation)))
     if args.install:
         staging = DEFAULT_MODEL_DIR.with_name(".default_model.new")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(final, staging)
-        report = json.loads((root / "eval.json").read_text())
+        report = json.loads(evaluation.read_text())
         report["settings"]["model"] = "built-in default model"  # not the build machine's path
         (staging / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         shutil.rmtree(DEFAULT_MODEL_DIR, ignore_errors=True)
