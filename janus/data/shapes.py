@@ -432,11 +432,12 @@ class QA:
     negative: str | None = None  # existence questions answered "no": which NEGATIVE_KINDS picked the object
 
 
-def _name(obj: SceneObject) -> str:
+def object_name(obj: SceneObject) -> str:
+    """How questions name an object: "<colour> <shape>"."""
     return f"{obj.colour} {obj.shape}"
 
 
-def _named(scene: Scene) -> list[SceneObject]:
+def named_objects(scene: Scene) -> list[SceneObject]:
     """The objects that "the <colour> <shape>" names unambiguously."""
     return [o for o in scene.objects if sum(p.descriptor == o.descriptor for p in scene.objects) == 1]
 
@@ -465,6 +466,10 @@ def what_colour(shape: str, count: int) -> str:
 
 def what_shape(colour: str, count: int) -> str:
     return f"What shape is the {colour} object?" if count == 1 else f"What shape are the {colour} objects?"
+
+
+def where_is(name: str) -> str:
+    return f"Where is the {name} in the image?"
 
 
 def where_relative(a: str, b: str) -> str:
@@ -507,28 +512,28 @@ def _count_question(scene: Scene, rng: random.Random) -> QA:
 
 
 def _position_question(scene: Scene, rng: random.Random) -> QA | None:
-    clear = [o for o in _named(scene) if region_is_clear(o)]
+    clear = [o for o in named_objects(scene) if region_is_clear(o)]
     if not clear:
         return None
     obj = rng.choice(clear)
-    return QA("position", f"Where is the {_name(obj)} in the image?", region(obj))
+    return QA("position", where_is(object_name(obj)), region(obj))
 
 
 def _relation_question(scene: Scene, rng: random.Random) -> QA | None:
-    named = _named(scene)
+    named = named_objects(scene)
     pairs = [(a, b) for a in named for b in named if a is not b and relation_is_clear(a, b)]
     if not pairs:
         return None
     a, b = rng.choice(pairs)
-    return QA("relation", where_relative(_name(a), _name(b)), RELATION_ANSWERS[relation(a, b)])
+    return QA("relation", where_relative(object_name(a), object_name(b)), RELATION_ANSWERS[relation(a, b)])
 
 
 def _size_question(scene: Scene, rng: random.Random) -> QA | None:
-    named = _named(scene)
+    named = named_objects(scene)
     if not named:
         return None
     obj = rng.choice(named)
-    return QA("size", f"Is the {_name(obj)} small or large?", obj.size)
+    return QA("size", f"Is the {object_name(obj)} small or large?", obj.size)
 
 
 _ASK = {
@@ -680,9 +685,9 @@ def scene_text(scene: Scene, rng: random.Random) -> str:
         )
     )
     sentences = [opening + _join(parts) + "."]
-    pairs = [(a, b) for a, b in combinations(_named(scene), 2) if relation_is_clear(a, b)]
+    pairs = [(a, b) for a, b in combinations(named_objects(scene), 2) if relation_is_clear(a, b)]
     for a, b in rng.sample(pairs, min(2, len(pairs))):
-        sentences.append(f"The {_name(a)} is {rng.choice(RELATION_WORDS[relation(a, b)])} the {_name(b)}.")
+        sentences.append(f"The {object_name(a)} is {rng.choice(RELATION_WORDS[relation(a, b)])} the {object_name(b)}.")
     return " ".join(sentences)
 
 
