@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--per-group", type=int, default=100, help="questions per group (default 100)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.per_group < 1:
+        parser.error(f"--per-group must be at least 1, got {args.per_group}")
     model = janus.load(args.model, device="cpu", dtype="float32")
     results = probe(model, args.per_group)
     print(f"{args.model or 'built-in'}: {args.per_group} questions per group, scenes of seed {SEED}")
