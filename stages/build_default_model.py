@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="copy the result into janus/default_model")
     args = parser.parse_args()
     root = (REPO / args.root).resolve()
-    overrides = ["--set", f"root={root}"]
+    root_setting = ["--set", f"root={root}"]
     timings_file = root / "timings.json"
     root.mkdir(parents=True, exist_ok=True)
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -154,7 +154,7 @@ def main() -> None:
                                                "--model", str(stage0), "--out", str(codes)))
     for stage, script in STAGE_SCRIPTS.items():
         step(f"stage{stage}", root / f"stage{stage}" / "export",
-             lambda script=script: run(sys.executable, f"stages/{script}", "--config", "configs/default/run.yaml", "--resume", *overrides))
+             lambda script=script: run(sys.executable, f"stages/{script}", "--config", "configs/default/run.yaml", "--resume", *root_setting))
     # Phase 2. (The encoder pretraining came after phase 1 had run; refitting cost 45 min where a
     # rebuild from stage 1 with the pretrained encoder would cost 3 h on this CPU.)
     vit = root / "vit"
