@@ -38,6 +38,7 @@ from janus.data.shapes import (
     has_heldout_pair,
     match_question,
     merge_conversations,
+    object_name,
     parse_description,
     plural,
     raster_position,
@@ -52,6 +53,9 @@ from janus.data.shapes import (
     scene_text,
     write_binding_dataset,
     write_dataset,
+    write_lookalike_questions,
+    where_is,
+    where_relative,
 )
 
 SCENES = [sample_scene(scene_rng(3, "test", i)) for i in range(400)]
@@ -460,3 +464,28 @@ def test_scene_text_mentions_every_object():
         text = scene_text(scene, scene_rng(4, "text", i))
         for o in scene.objects:
             assert f"{o.size} {o.colour} {o.shape}" in text
+
+
+def test_lookalike_questions_are_exactly_those_naming_an_object_with_a_same_shape_twin_in_another_colour(tmp_path):
+    manifests = write_binding_dataset(tmp_path, 60, seed=3, resolution=32)
+    # Every position and relation question each scene could hold, and whether it names a look-alike.
+    lookalike: dict[tuple[str, str], bool] = {}
+    for line in manifests["scenes"].read_text().splitlines():
+        record = json.loads(line)
+        scene = Scene.from_json(record)
+        twin = {o: any(p.shape == o.shape and p.colour != o.colour for p in scene.objects) for o in scene.objects}
+        for a in scene.objects:
+            lookalike[record["image"], where_is(object_name(a))] = twin[a]
+            for b in scene.objects:
+                lookalike[record["image"], where_relative(object_name(a), object_name(b))] = twin[a] or twin[b]
+
+    def questions(path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["images"][0], r["conversation"][0]["content"].split("\n", 1)[1]) for r in records]
+
+    asked = questions(manifests["position_questions"]) + questions(manifests["relation_questions"])
+    out = write_lookalike_questions(tmp_path)
+    chosen = questions(out["questions"])
+    assert chosen == [q for q in asked if lookalike[q]]
+    assert 0 < len(chosen) < len(asked)
+    assert questions(out["position"]) == [q for q in chosen if q[1].endswith("in the image?")]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations, permutations
@@ -799,6 +800,42 @@ def write_binding_dataset(out_dir: str | Path, n_scenes: int, seed: int, resolut
     for kind, lines in records.items():
         manifests[kind] = out / f"{kind}.jsonl"
         manifests[kind].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return manifests
+
+
+# The object names in `where_is` and `where_relative` questions.
+_WHERE_IS = re.compile(r"Where is the (\w+) (\w+) in the image\?")
+_WHERE_RELATIVE = re.compile(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?")
+
+
+def write_lookalike_questions(binding_dir: str | Path) -> dict[str, Path]:
+    """From a `write_binding_dataset` set, the position and relation questions that name an object
+    with a look-alike, another object of its shape in another colour, so that only the colour tells
+    them apart (docs/default_model.md, "Finding the named object among look-alikes"). Writes
+    `lookalike_questions.jsonl` (position questions, then relation questions, in file order) and
+    `lookalike_position.jsonl` (the position ones) beside the set's images; returns both paths."""
+    out = Path(binding_dir)
+    objects = {}
+    with open(out / "scenes.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            objects[record["image"]] = [(o["colour"], o["shape"]) for o in record["objects"]]
+    chosen: dict[str, list[str]] = {"position": [], "relation": []}
+    for kind, pattern in (("position", _WHERE_IS), ("relation", _WHERE_RELATIVE)):
+        with open(out / f"{kind}_questions.jsonl", encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                question = record["conversation"][0]["content"].removeprefix(f"{IMAGE_TOKEN}\n")
+                words = pattern.fullmatch(question)
+                if words is None:
+                    raise ValueError(f"not a {kind} question: {question!r}")
+                named = list(zip(words.groups()[::2], words.groups()[1::2]))  # (colour, shape) pairs
+                scene = objects[record["images"][0]]
+                if any(shape == s and colour != c for colour, shape in named for c, s in scene):
+                    chosen[kind].append(line)
+    manifests = {"questions": out / "lookalike_questions.jsonl", "position": out / "lookalike_position.jsonl"}
+    manifests["questions"].write_text("".join(chosen["position"] + chosen["relation"]), encoding="utf-8")
+    manifests["position"].write_text("".join(chosen["position"]), encoding="utf-8")
     return manifests
 
 
