@@ -20,7 +20,7 @@ from pathlib import Path
 
 import janus
 from janus.data.shapes import (
-    RELATION_ANSWERS, Scene, SceneObject, named_objects, object_name, region, region_is_clear, relation, relation_is_clear, render, sample_scene,
+    RELATION_ANSWERS, Scene, SceneObject, has_lookalike, named_objects, object_name, region, region_is_clear, relation, relation_is_clear, render, sample_scene,
     scene_rng, where_is, where_relative,
 )
 from janus.eval.shapes_eval import normalise_answer
@@ -32,7 +32,7 @@ MAX_SCENES = 100_000  # far more than any group needs; stops a search that canno
 
 
 def position_group(scene: Scene, obj: SceneObject) -> str:
-    shape = any(o.shape == obj.shape and o.colour != obj.colour for o in scene.objects)
+    shape = has_lookalike(obj.colour, obj.shape, scene.objects)
     colour = any(o.colour == obj.colour and o.shape != obj.shape for o in scene.objects)
     return {(True, False): "same shape", (False, True): "same colour", (True, True): "both"}.get((shape, colour), "neither")
 

@@ -469,6 +469,11 @@ def what_shape(colour: str, count: int) -> str:
     return f"What shape is the {colour} object?" if count == 1 else f"What shape are the {colour} objects?"
 
 
+def has_lookalike(colour: str, shape: str, objects: Sequence[SceneObject]) -> bool:
+    """Whether another of `objects` has this shape in another colour, so only the colour tells them apart."""
+    return any(o.shape == shape and o.colour != colour for o in objects)
+
+
 def where_is(name: str) -> str:
     return f"Where is the {name} in the image?"
 
@@ -819,7 +824,7 @@ def write_lookalike_questions(binding_dir: str | Path) -> dict[str, Path]:
     with open(out / "scenes.jsonl", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            objects[record["image"]] = [(o["colour"], o["shape"]) for o in record["objects"]]
+            objects[record["image"]] = Scene.from_json(record).objects
     chosen: dict[str, list[str]] = {"position": [], "relation": []}
     for kind, pattern in (("position", _WHERE_IS), ("relation", _WHERE_RELATIVE)):
         with open(out / f"{kind}_questions.jsonl", encoding="utf-8") as f:
@@ -830,8 +835,7 @@ def write_lookalike_questions(binding_dir: str | Path) -> dict[str, Path]:
                 if words is None:
                     raise ValueError(f"not a {kind} question: {question!r}")
                 named = list(zip(words.groups()[::2], words.groups()[1::2]))  # (colour, shape) pairs
-                scene = objects[record["images"][0]]
-                if any(shape == s and colour != c for colour, shape in named for c, s in scene):
+                if any(has_lookalike(colour, shape, objects[record["images"][0]]) for colour, shape in named):
                     chosen[kind].append(line)
     manifests = {"questions": out / "lookalike_questions.jsonl", "position": out / "lookalike_position.jsonl"}
     manifests["questions"].write_text("".join(chosen["position"] + chosen["relation"]), encoding="utf-8")
