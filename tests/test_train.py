@@ -17,7 +17,9 @@ import yaml
 
 import janus
 from janus.checkpoint import load_model
-from janus.testing import make_tiny_run
+from janus.models.config import ConfigError
+from janus.testing import make_tiny_run, save_tiny_checkpoint
+from janus.train.assemble import interpolate_models
 from janus.train.config import load_flat_config, load_run_config
 from janus.train.loop import flops_per_token
 from janus.train.stages import apply_stage
@@ -306,3 +308,22 @@ def test_grow_depth_doubles_the_layers_and_keeps_every_output(tmp_path):
     inserted = grown.decoder.layers[1]
     assert inserted.self_attn.o_proj.weight.grad.abs().sum() > 0
     assert inserted.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_interpolated_model_averages_every_weight_and_refuses_another_architecture(tmp_path):
+    start, tuned = save_tiny_checkpoint(tmp_path / "start", seed=0), save_tiny_checkpoint(tmp_path / "tuned", seed=1)
+    a, b = load_model(start, "cpu").state_dict(), load_model(tuned, "cpu").state_dict()
+    quarter = load_model(interpolate_models(start, tuned, 0.25, tmp_path / "quarter"), "cpu").state_dict()
+    assert quarter.keys() == a.keys()
+    for name, weight in a.items():
+        torch.testing.assert_close(quarter[name], 0.75 * weight + 0.25 * b[name])
+    assert not torch.equal(quarter["gen_head.fc2.weight"], a["gen_head.fc2.weight"])
+    ends = [load_model(interpolate_models(start, tuned, w, tmp_path / f"end{w}"), "cpu").state_dict() for w in (0.0, 1.0)]
+    assert all(torch.equal(ends[0][k], a[k]) and torch.equal(ends[1][k], b[k]) for k in a)
+
+    deeper = save_tiny_checkpoint(tmp_path / "deeper", n_layers=3)
+    with pytest.raises(ConfigError, match="another config"):
+        interpolate_models(start, deeper, 0.5, tmp_path / "refused")
+    with pytest.raises(ValueError, match=r"weight must lie in \[0, 1\]"):
+        interpolate_models(start, tuned, 1.5, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

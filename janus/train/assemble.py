@@ -1,5 +1,6 @@
 """A fresh model to train from scratch: new weights around a trained VQ tokenizer and a text tokenizer;
-refitting a trained model with a pretrained understanding encoder or a refitted VQ decoder.
+refitting a trained model with a pretrained understanding encoder or a refitted VQ decoder; a
+weighted average of a model and one fine-tuned from it.
 
 This is the "stage 0 export" that stage 1 starts from when no pretrained checkpoint is used, as for
 the built-in default model (stages/build_default_model.py).
@@ -79,3 +80,23 @@ def refit_vq_decoder(src: str | Path, vq_weights: str | Path, out: str | Path) -
                           "only a decoder refit (stage 0 with train: decoder) keeps the model's image codes")
     model.vq.load_state_dict(new)
     return save_model(model, out, "native", extra_files_from=src, image_token_id=Tokenizer.from_dir(src).image_id)
+
+
+def interpolate_models(start: str | Path, tuned: str | Path, weight: float, out: str | Path) -> Path:
+    """Write `start + weight * (tuned - start)`, tensor by tensor, to `out`.
+
+    `tuned` must be fine-tuned from `start` (the same config): between two models of one basin lie
+    ones that keep much of what the fine-tuning taught and win back much of what it cost (WiSE-FT,
+    Wortsman et al. 2022). Weights the two share (a frozen VQ) stay exactly equal.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must lie in [0, 1], got {weight}")
+    base, other = load_model(start, "cpu"), load_model(tuned, "cpu")
+    if base.cfg != other.cfg:
+        raise ConfigError(f"{tuned} has another config than {start}: only a model fine-tuned from the other can be averaged with it")
+    tuned_state = other.state_dict()
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.lerp_(tuned_state[name], weight)
+    return save_model(base, out, "native", extra_files_from=tuned, image_token_id=Tokenizer.from_dir(tuned).image_id)
