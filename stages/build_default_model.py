@@ -30,8 +30,13 @@
    SELF_CAPTIONS captions of new scenes, its own answers to each caption's clause questions keep the
    best (janus.train.self_generate), and stage 3 trains on the confident picks, with 60,000 new
    scenes' conversations (a question of every type each) and the binding questions
-14. `janus eval shapes` on the result, with the sampling defaults
-15. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
+14. phase 9: drills of the binding questions that name an object with a same-shape look-alike
+   (LOOKALIKE_DRILLS, `write_lookalike_questions`), then the mixture with them
+   (configs/default/lookalike_mix.yaml), understanding alone (lookalike_recover.yaml), the mixture
+   again with 20,000 fresh rendered scenes as generation data (lookalike_regen.yaml), and the result
+   averaged with phase 8, weight for weight (LOOKALIKE_WEIGHT, `interpolate_models`)
+15. `janus eval shapes` on the result, with the sampling defaults
+16. with --install: copy the result into janus/default_model, where `janus.load(None)` finds it
 
 A step whose output exists is skipped and an interrupted stage resumes from its last checkpoint, so
 running the command again continues a build. Wall time per step goes to ROOT/timings.json.
@@ -75,6 +80,15 @@ TOKENIZER_VOCAB = 512
 SELF_CAPTIONS = 6_000
 SELF_CANDIDATES = 4
 SELF_MIN_SCORE = math.log(0.5)
+# Phase 9's drills of look-alike questions (configs/default/drill.yaml), one after the other: their
+# directory, steps, steps of decay, seed, and how many more times the position questions are listed
+# (a sixth of the look-alike questions, which the first two drills did not teach).
+LOOKALIKE_DRILLS = (("lookalike_drill1", 1000, 300, 73, 0), ("lookalike_drill2", 2000, 700, 74, 0), ("lookalike_drill3", 5000, 1000, 76, 3))
+RASTER9_SCENES = 20_000  # fresh rendered scenes for phase 9's last training run
+# Phase 9's result: phase 8 + LOOKALIKE_WEIGHT * (the look-alike model - phase 8), weight for weight.
+# 0.7 / 0.8 / 0.9 gave generation 0.915 / 0.907 / 0.893, VQA 0.947 / 0.947 / 0.950 and POPE accuracy
+# 0.827 / 0.883 / 0.917 (seed 1000): 0.8 keeps generation above 0.90 with POPE well above 0.7's.
+LOOKALIKE_WEIGHT = 0.8
 STAGE_SCRIPTS = {1: "stage1_adaptors.py", 2: "stage2_pretrain.py", 3: "stage3_sft.py"}
 
 
@@ -132,11 +146,11 @@ def main() -> None:
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
     import janus
-    from janus.data.shapes import merge_conversations, write_binding_dataset, write_dataset
+    from janus.data.shapes import merge_conversations, write_binding_dataset, write_dataset, write_lookalike_questions
     from janus.models.config import JanusConfig
     from janus.pipeline import DEFAULT_MODEL_DIR, GENERATION_CONFIG
     from janus.processing.tokenizer import train_sentencepiece
-    from janus.train.assemble import assemble_model, refit_encoder, refit_vq_decoder
+    from janus.train.assemble import assemble_model, interpolate_models, refit_encoder, refit_vq_decoder
     from janus.train.self_generate import keep_confident, write_judged_generations
 
     cfg = JanusConfig.preset("shapes")
@@ -260,6 +274,24 @@ def main() -> None:
     step("confident", confident, lambda: keep_confident(judged, confident, SELF_MIN_SCORE))
     continue_stage3("self_train")
     final = root / "self_train" / "stage3" / "export"
+    # Phase 9.
+    phase8 = final
+    step("lookalike_questions", bind / "lookalike_position.jsonl", lambda: write_lookalike_questions(bind))
+    for name, steps, decay, seed, position_repeats in LOOKALIKE_DRILLS:
+        questions = [bind / "lookalike_questions.jsonl"] + [bind / "lookalike_position.jsonl"] * position_repeats
+        settings = [f"root={root / name}", f"init_from={final}", f"data.sources.understanding={listed(questions)}",
+                    f"train.steps={steps}", f"optim.decay_steps={decay}", f"train.seed={seed}"]
+        step(name, root / name / "stage3" / "export", lambda settings=settings: run(
+            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/drill.yaml", "--resume", *overrides(settings)))
+        final = root / name / "stage3" / "export"
+    continue_stage3("lookalike_mix")
+    continue_stage3("lookalike_recover")
+    raster9 = root / "data_raster9"
+    step("data_raster9", raster9 / "train" / "scenes.jsonl",
+         lambda: write_dataset(raster9, RASTER9_SCENES, seed=21, resolution=64, splits={"train": 1.0}, raster=RASTER))
+    continue_stage3("lookalike_regen")
+    final = root / "lookalike" / "export"
+    step("lookalike_average", final, lambda: interpolate_models(phase8, root / "lookalike_regen" / "stage3" / "export", LOOKALIKE_WEIGHT, final))
     # Beside the model it measures, so that a build continued with a later phase evaluates the new one.
     evaluation = final.parent / "eval.json"
     step("eval", evaluation, lambda: run(sys.executable, "-m", "janus.cli", "eval", "shapes", "--model", str(final), "--json", str(evaluation)))
