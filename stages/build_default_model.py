@@ -183,10 +183,11 @@ def main() -> None:
         step(f"tokenize_{name}", root / codes_dir, lambda: run(sys.executable, "-m", "janus.cli", "tokenize-images", str(out / "train" / "generation.jsonl"),
                                                                "--model", str(stage0), "--out", str(root / codes_dir)))
 
-    def continue_stage3(name: str) -> None:
-        """Stage 3 run by configs/default/{name}.yaml in root/name."""
-        step(name, root / name / "stage3" / "export",
-             lambda: run(sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{name}.yaml", "--resume", "--set", f"root={root / name}"))
+    def continue_stage3(name: str, config: str | None = None, settings: list[str] | tuple[str, ...] = ()) -> None:
+        """Stage 3 in root/name, run by configs/default/{config or name}.yaml with `settings` ("key=value")."""
+        step(name, root / name / "stage3" / "export", lambda: run(
+            sys.executable, "stages/stage3_sft.py", "--config", f"configs/default/{config or name}.yaml", "--resume", "--set", f"root={root / name}",
+            *overrides(settings)))
 
     new_scenes("data_more", "codes_more", seed=1)
     refit = root / "refit"
@@ -245,13 +246,12 @@ def main() -> None:
         raster_rounds.append(name)
         files = {kind: [root / f"data_{r}" / "train" / f"{kind}.jsonl" for r in raster_rounds] for kind in ("conversations", "text", "generation")}
         settings = [
-            f"root={root / name}", f"init_from={final}",
+            f"init_from={final}",
             f"data.sources.understanding={listed([*files['conversations'], bind / 'understanding.jsonl'])}",
             f"data.sources.text={listed(files['text'])}", f"data.sources.generation={listed(files['generation'])}",
             f"data.code_cache={listed([root / f'codes_{r}' for r in raster_rounds])}", f"train.steps={steps}", f"train.seed={train_seed}",
         ]
-        step(name, root / name / "stage3" / "export", lambda settings=settings: run(
-            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/raster.yaml", "--resume", *overrides(settings)))
+        continue_stage3(name, "raster", settings)
         final = root / name / "stage3" / "export"
     # Phase 7.
     vq_decoder = root / "vq_decoder"
@@ -279,10 +279,8 @@ def main() -> None:
     step("lookalike_questions", bind / "lookalike_position.jsonl", lambda: write_lookalike_questions(bind))
     for name, steps, decay, seed, position_repeats in LOOKALIKE_DRILLS:
         questions = [bind / "lookalike_questions.jsonl"] + [bind / "lookalike_position.jsonl"] * position_repeats
-        settings = [f"root={root / name}", f"init_from={final}", f"data.sources.understanding={listed(questions)}",
-                    f"train.steps={steps}", f"optim.decay_steps={decay}", f"train.seed={seed}"]
-        step(name, root / name / "stage3" / "export", lambda settings=settings: run(
-            sys.executable, "stages/stage3_sft.py", "--config", "configs/default/drill.yaml", "--resume", *overrides(settings)))
+        continue_stage3(name, "drill", [f"init_from={final}", f"data.sources.understanding={listed(questions)}",
+                                        f"train.steps={steps}", f"optim.decay_steps={decay}", f"train.seed={seed}"])
         final = root / name / "stage3" / "export"
     continue_stage3("lookalike_mix")
     continue_stage3("lookalike_recover")
