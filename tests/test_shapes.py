@@ -52,6 +52,7 @@ from janus.data.shapes import (
     scene_rng,
     scene_text,
     write_binding_dataset,
+    write_count_questions,
     write_dataset,
     write_lookalike_questions,
     where_is,
@@ -489,3 +490,32 @@ def test_lookalike_questions_are_exactly_those_naming_an_object_with_a_same_shap
     assert chosen == [q for q in asked if lookalike[q]]
     assert 0 < len(chosen) < len(asked)
     assert questions(out["position"]) == [q for q in chosen if q[1].endswith("in the image?")]
+
+
+def test_count_questions_answer_every_count_and_keep_all_counts_of_two_or_more(tmp_path):
+    manifests = write_dataset(tmp_path, 300, seed=2, resolution=32, splits={"train": 1.0})
+    path = write_count_questions(tmp_path / "train", seed=5)
+    assert path.read_bytes() == write_count_questions(tmp_path / "train", seed=5).read_bytes()
+    scenes = {json.loads(line)["image"]: Scene.from_json(json.loads(line)).objects for line in manifests["train"]["scenes"].read_text().splitlines()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped record warns
+        records = list(read_records(path, Counter()))
+    assert [r.data["images"][0] for r in records] == list(scenes)
+    answers = Counter()
+    for record in records:
+        objects = scenes[record.data["images"][0]]
+        turns = record.data["conversation"]
+        assert turns[0]["content"].startswith(f"{IMAGE_TOKEN}\n") and sum(t["content"].count(IMAGE_TOKEN) for t in turns) == 1
+        asked = {}
+        for question, answer in zip(turns[::2], turns[1::2]):
+            what = re.fullmatch(r"How many (\w+)(?: objects)? are there\?", question["content"].removeprefix(f"{IMAGE_TOKEN}\n")).group(1)
+            truth = sum(what in ("objects", o.colour, plural(o.shape)) for o in objects)
+            assert answer["content"] == COUNT_WORDS[truth]
+            asked[what] = truth
+        assert asked["objects"] == len(objects)
+        # every shape and colour that two objects or more share is asked about
+        shared = {w for w, n in Counter([plural(o.shape) for o in objects] + [o.colour for o in objects]).items() if n >= 2}
+        assert shared <= set(asked)
+        answers.update(min(n, 2) for w, n in asked.items() if w != "objects")
+    assert answers[0] and answers[1] and answers[2] > 0.3 * sum(answers.values())
+    assert path.read_bytes() != write_count_questions(tmp_path / "train", seed=6).read_bytes()

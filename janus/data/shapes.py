@@ -843,6 +843,43 @@ def write_lookalike_questions(binding_dir: str | Path) -> dict[str, Path]:
     return manifests
 
 
+# Which subset counts `write_count_questions` keeps, by answer: every count of two or more, this share
+# of the ones and this share of the zeros (each absent shape and colour), so that counts of two or more,
+# the ones the model gets wrong, make over a third of the answers rather than a tenth.
+COUNT_KEEP_ONE = 0.35
+COUNT_KEEP_ZERO = 0.06
+
+
+def write_count_questions(dataset_dir: str | Path, seed: int) -> Path:
+    """From a set's `scenes.jsonl`, one conversation of count questions per scene: how many objects
+    there are in all, and how many of each shape and colour, kept by answer (COUNT_KEEP_ONE,
+    COUNT_KEEP_ZERO), in random order (docs/default_model.md, "Counting (phase 10)"). Writes
+    `count_conversations.jsonl` beside the set's images and returns its path."""
+    out = Path(dataset_dir)
+    rng = random.Random(seed)
+    lines = []
+    with open(out / "scenes.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            objects = Scene.from_json(record).objects
+            shapes, colours = Counter(o.shape for o in objects), Counter(o.colour for o in objects)
+            subsets = [(how_many(plural(shape)), n) for shape, n in shapes.items()]
+            subsets += [(how_many(f"{colour} objects"), n) for colour, n in colours.items()]
+            subsets += [(how_many(plural(shape)), 0) for shape in SHAPES if shape not in shapes]
+            subsets += [(how_many(f"{colour} objects"), 0) for colour in COLOURS if colour not in colours]
+            keep = {0: COUNT_KEEP_ZERO, 1: COUNT_KEEP_ONE}
+            questions = [(how_many("objects"), len(objects))] + [(q, n) for q, n in subsets if n >= 2 or rng.random() < keep[n]]
+            rng.shuffle(questions)
+            turns = []
+            for question, n in questions:
+                turns += [{"role": "user", "content": question}, {"role": "assistant", "content": COUNT_WORDS[n]}]
+            turns[0]["content"] = f"{IMAGE_TOKEN}\n{turns[0]['content']}"
+            lines.append(_json({"kind": "understanding", "images": [record["image"]], "conversation": turns}))
+    path = out / "count_conversations.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
 def merge_conversations(src: str | Path, dst: str | Path) -> int:
     """Write `src`'s understanding records (one question each, as `write_dataset` writes them) to `dst`
     as one multi-turn conversation per image, its questions in file order; return how many.
