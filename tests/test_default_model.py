@@ -52,7 +52,7 @@ def test_shipped_model_is_small_and_loads_without_a_path():
 
 
 # The shipped model measures generation 0.908 at its sampling defaults, guidance weight 2 and
-# temperature 0.7, and VQA 0.947 at full size (docs/default_model.md; targets 0.90 and 0.95); these thresholds
+# temperature 0.7, and VQA 0.953 at full size (docs/default_model.md; targets 0.90 and 0.95); these thresholds
 # sit below what it measures and far above an untrained model's ~0, so they catch a broken or
 # replaced model, a sampler or a preprocessing regression.
 
@@ -70,9 +70,9 @@ def test_shipped_model_draws_what_the_prompt_says():
 def test_shipped_model_short_eval_run():
     model = janus.load(None, device="cpu")
     generation = evaluate_generation(model, per_category=4, k=2, seed=7)
-    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.90 measured
+    assert generation["overall"] >= 0.2, {c: r["accuracy"] for c, r in generation["categories"].items()}  # 0.83 measured
     understanding = evaluate_understanding(model, per_type=8, seed=7)
-    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.96 measured
+    assert understanding["vqa_overall"] >= 0.4, {t: r["accuracy"] for t, r in understanding["vqa"].items()}  # 0.98 measured
 
 
 @shipped
