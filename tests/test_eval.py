@@ -12,8 +12,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import janus
 from janus.cli import main
 from janus.data.shapes import (
     COLOURS,
@@ -44,6 +47,7 @@ from janus.eval.shapes_eval import (
     heldout_prompts,
     normalise_answer,
     pope_metrics,
+    text_perplexity,
     understanding_items,
 )
 from janus.testing import save_tiny_checkpoint
@@ -203,8 +207,22 @@ def test_position_accuracy_is_reported_by_axis():
     assert position["correct"] == by_axis["above/below"]["correct"] > 0
     report = format_report({"settings": {"per_category": 20, "k": 2}, "generation": {"overall": 0.0, "categories": categories},
                             "understanding": {"vqa": {}, "vqa_overall": 0.0, "pope": {}},
-                            "text": {"perplexity": 1.0, "nll_per_token": 0.0, "captions": 0}})
+                            "text": {kind: {"perplexity": 1.0, "nll_per_token": 0.0, "documents": 0} for kind in ("captions", "scene_texts")}})
     assert f"left/right    0.000  (0/{by_axis['left/right']['images']})" in report
+
+
+def test_text_perplexity_is_the_vocabulary_size_for_uniform_logits_and_one_for_certain_ones(tmp_path, monkeypatch):
+    model = janus.load(save_tiny_checkpoint(tmp_path / "tiny"), device="cpu")
+    documents = ["a red circle above a blue square", "There are two stars."]
+    ids = [model.tokenizer.encode(d) + [model.tokenizer.eos_id] for d in documents]
+    vocab = model.model.decoder.lm_head.out_features
+    monkeypatch.setattr(model.model, "text_logits", lambda hidden: torch.zeros(*hidden.shape[:-1], vocab))
+    uniform = text_perplexity(model, documents)
+    assert uniform["tokens"] == sum(len(i) - 1 for i in ids) and uniform["documents"] == 2
+    assert uniform["perplexity"] == pytest.approx(vocab, rel=1e-5)
+    targets = iter(torch.tensor(i[1:]) for i in ids)  # each document's next tokens, in order
+    monkeypatch.setattr(model.model, "text_logits", lambda hidden: 50.0 * F.one_hot(next(targets), vocab).float())
+    assert text_perplexity(model, documents)["perplexity"] == pytest.approx(1.0, abs=1e-6)
 
 
 def _in_unit_range(value) -> bool:
@@ -232,6 +250,7 @@ def test_eval_shapes_command_on_tiny_random_model(tmp_path, capsys):
     assert set(understanding["pope"]) == {"random", "adversarial", "binding", "all"}
     for p in understanding["pope"].values():
         assert all(_in_unit_range(p[key]) for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
-    text = results["text"]
-    assert math.isfinite(text["perplexity"]) and text["perplexity"] >= 1.0 and text["nll_per_token"] >= 0
-    assert text["captions"] == 6 and text["tokens"] > 6
+    assert set(results["text"]) == {"captions", "scene_texts"}
+    for text in results["text"].values():
+        assert math.isfinite(text["perplexity"]) and text["perplexity"] >= 1.0 and text["nll_per_token"] >= 0
+        assert text["documents"] == 6 and text["tokens"] > 6

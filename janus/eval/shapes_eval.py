@@ -4,7 +4,7 @@
   the detector; an image counts only if every clause of its prompt holds.
 - understanding: exact-match VQA accuracy per question type, and POPE-style yes/no questions per
   negative kind (accuracy, F1, yes-ratio), on held-out scenes.
-- text: perplexity of held-out captions under the text head.
+- text: perplexity of held-out captions and of held-out scene descriptions under the text head.
 
 Seeds: every scene and prompt here comes from an "eval-..." stream of `scene_rng`, which
 `write_dataset` never uses (its streams are split names), so the evaluation never sees a training
@@ -41,6 +41,7 @@ from janus.data.shapes import (
     render,
     sample_scene,
     scene_rng,
+    scene_text,
 )
 from janus.eval.clause_judge import ranking
 from janus.eval.detector import detect
@@ -212,19 +213,29 @@ def pope_metrics(rows: list[tuple[bool, str]]) -> dict:
 
 
 @torch.no_grad()
-def caption_perplexity(model: Janus, n_captions: int, seed: int = EVAL_SEED) -> dict:
-    """Perplexity of held-out captions as text documents: mean next-token NLL over every token after
-    BOS, the closing EOS included (what text training computes its loss on)."""
+def text_perplexity(model: Janus, documents: list[str]) -> dict:
+    """Perplexity of `documents` as text: mean next-token NLL over every token after BOS, the closing
+    EOS included (what text training computes its loss on)."""
     total, tokens = 0.0, 0
-    for index in range(n_captions):
-        rng = scene_rng(seed, "eval-captions", index)
-        text = caption(sample_scene(rng), rng).text(rng)
-        ids = torch.tensor([model.tokenizer.encode(text) + [model.tokenizer.eos_id]], device=model.device)
+    for document in documents:
+        ids = torch.tensor([model.tokenizer.encode(document) + [model.tokenizer.eos_id]], device=model.device)
         logits = model.model.text_logits(model.model(ids)[0, :-1]).float()
         total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         tokens += ids.shape[1] - 1
     nll = total / tokens
-    return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll_per_token": nll, "tokens": tokens, "captions": n_captions}
+    return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll_per_token": nll, "tokens": tokens, "documents": len(documents)}
+
+
+def evaluate_text(model: Janus, n_documents: int, seed: int = EVAL_SEED) -> dict:
+    """Perplexity of held-out captions (text the model only ever reads as generation prompts) and of
+    held-out scene descriptions (the kind of text its text data holds), each n_documents."""
+    captions, descriptions = [], []
+    for index in range(n_documents):
+        rng = scene_rng(seed, "eval-captions", index)
+        captions.append(caption(sample_scene(rng), rng).text(rng))
+        rng = scene_rng(seed, "eval-texts", index)
+        descriptions.append(scene_text(sample_scene(rng), rng))
+    return {"captions": text_perplexity(model, captions), "scene_texts": text_perplexity(model, descriptions)}
 
 
 # ---------------------------------------------------------------- all together
@@ -246,7 +257,7 @@ def evaluate(
     `clause_judge.RANK_CHOICES` ("questions": `clause_judge`).
 
     per_category: prompts per generation category, questions per VQA type, and yes and no questions
-    per POPE negative kind; the text metric uses per_category * 6 captions.
+    per POPE negative kind; the text metrics use per_category * 6 captions and as many scene descriptions.
     """
     if per_category < 1 or k < 1:
         raise ValueError(f"per_category and k must be >= 1, got {per_category} and {k}")
@@ -259,7 +270,7 @@ def evaluate(
         "settings": {**settings, "understanding_resolution": model.cfg.vision.image_size},
         "generation": evaluate_generation(model, per_category, k, seed, cfg_weight, temperature, candidates, rank_by),
         "understanding": evaluate_understanding(model, per_category, seed, progress),
-        "text": caption_perplexity(model, per_category * len(GEN_CATEGORIES), seed),
+        "text": evaluate_text(model, per_category * len(GEN_CATEGORIES), seed),
     }
 
 
@@ -276,6 +287,8 @@ def format_report(results: dict) -> str:
     lines += [f"  {'overall':<14} {und['vqa_overall']:6.3f}", "", f"  {'POPE':<14} {'acc':>6} {'f1':>6} {'yes':>6}"]
     for name, p in und["pope"].items():
         lines.append(f"  {name:<14} {p['accuracy']:6.3f} {p['f1']:6.3f} {p['yes_ratio']:6.3f}")
-    nll = f"{text['nll_per_token']:.3f} nats/token, {text['captions']} captions"
-    lines += ["", f"text: caption perplexity {text['perplexity']:.3f} ({nll})"]
+    lines.append("")
+    for name, label in (("captions", "captions"), ("scene_texts", "scene descriptions")):
+        p = text[name]
+        lines.append(f"text: perplexity of {p['documents']} held-out {label} {p['perplexity']:.3f} ({p['nll_per_token']:.3f} nats/token)")
     return "\n".join(lines)
