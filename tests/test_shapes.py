@@ -517,5 +517,5 @@ def test_count_questions_answer_every_count_and_keep_all_counts_of_two_or_more(t
         shared = {w for w, n in Counter([plural(o.shape) for o in objects] + [o.colour for o in objects]).items() if n >= 2}
         assert shared <= set(asked)
         answers.update(min(n, 2) for w, n in asked.items() if w != "objects")
-    assert answers[0] and answers[1] and answers[2] > 0.3 * sum(answers.values())
+    assert answers[0] and answers[1] and answers[2] > 0.2 * sum(answers.values())  # every shape and colour present asked, and one absent of each: about 0.12
     assert path.read_bytes() != write_count_questions(tmp_path / "train", seed=6).read_bytes()

@@ -845,7 +845,8 @@ def write_lookalike_questions(binding_dir: str | Path) -> dict[str, Path]:
 
 # Which subset counts `write_count_questions` keeps, by answer: every count of two or more, this share
 # of the ones and this share of the zeros (each absent shape and colour), so that counts of two or more,
-# the ones the model gets wrong, make over a third of the answers rather than a tenth.
+# the ones the model gets wrong, are 30% of the subset answers on the build's scenes, where asking
+# about every shape and colour present and one absent of each gives 12%.
 COUNT_KEEP_ONE = 0.35
 COUNT_KEEP_ZERO = 0.06
 
