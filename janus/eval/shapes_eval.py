@@ -227,7 +227,7 @@ def text_perplexity(model: Janus, documents: list[str]) -> dict:
 
 
 def evaluate_text(model: Janus, n_documents: int, seed: int = EVAL_SEED) -> dict:
-    """Perplexity of held-out captions (text the model only ever reads as generation prompts) and of
+    """Perplexity of held-out captions (text the model only ever reads in prompts, never writes) and of
     held-out scene descriptions (the kind of text its text data holds), each n_documents."""
     captions, descriptions = [], []
     for index in range(n_documents):
