@@ -176,13 +176,36 @@ class PerfectModel:
 def test_perfect_model_scores_one():
     model = PerfectModel(per_type=6)
     generation = evaluate_generation(model, per_category=6, k=2)
-    assert generation["overall"] == 1.0
+    assert generation["overall"] == 1.0 and generation["overall_stderr"] == 0.0
     assert all(c["accuracy"] == 1.0 and c["images"] == 12 for c in generation["categories"].values())
     understanding = evaluate_understanding(model, per_type=6)
-    assert understanding["vqa_overall"] == 1.0
+    assert understanding["vqa_overall"] == 1.0 and understanding["vqa_overall_stderr"] == 0.0
     assert all(v["questions"] == 6 for v in understanding["vqa"].values())
     for p in understanding["pope"].values():
         assert p["accuracy"] == 1.0 and p["f1"] == 1.0 and p["yes_ratio"] == 0.5
+
+
+class MiscountingModel(PerfectModel):
+    """Answers every other count question "seven"; everything else right."""
+
+    def __init__(self, per_type: int):
+        super().__init__(per_type)
+        self.count_questions = 0
+
+    def chat(self, question, images, temperature, max_new_tokens):
+        if question.startswith("How many"):
+            self.count_questions += 1
+            if self.count_questions % 2:
+                return "seven"
+        return super().chat(question, images, temperature, max_new_tokens)
+
+
+def test_vqa_standard_error_is_binomial_per_type_and_averaged_over_types():
+    understanding = evaluate_understanding(MiscountingModel(per_type=8), per_type=8)
+    assert understanding["vqa"]["count"]["accuracy"] == 0.5
+    assert understanding["vqa"]["count"]["stderr"] == pytest.approx(math.sqrt(0.25 / 8))
+    assert all(v["stderr"] == 0.0 for t, v in understanding["vqa"].items() if t != "count")
+    assert understanding["vqa_overall_stderr"] == pytest.approx(math.sqrt(0.25 / 8) / len(VQA_TYPES))
 
 
 class SideBySideSwappedModel(PerfectModel):
@@ -205,10 +228,15 @@ def test_position_accuracy_is_reported_by_axis():
     assert by_axis["above/below"]["accuracy"] == 1.0 and by_axis["left/right"]["accuracy"] == 0.0
     assert by_axis["above/below"]["images"] + by_axis["left/right"]["images"] == position["images"] == 40
     assert position["correct"] == by_axis["above/below"]["correct"] > 0
-    report = format_report({"settings": {"per_category": 20, "k": 2}, "generation": {"overall": 0.0, "categories": categories},
-                            "understanding": {"vqa": {}, "vqa_overall": 0.0, "pope": {}},
+    report = format_report({"settings": {"per_category": 20, "k": 2}, "generation": {"overall": 0.0, "overall_stderr": 0.0, "categories": categories},
+                            "understanding": {"vqa": {}, "vqa_overall": 0.0, "vqa_overall_stderr": 0.0, "pope": {}},
                             "text": {kind: {"perplexity": 1.0, "nll_per_token": 0.0, "documents": 0} for kind in ("captions", "scene_texts")}})
     assert f"left/right    0.000  (0/{by_axis['left/right']['images']})" in report
+    # Each prompt's images are all right (above/below) or all wrong (left/right): with a fraction f of
+    # the n prompts right, the spread between prompts gives the standard error sqrt(f (1 - f) / (n - 1)).
+    f = by_axis["above/below"]["images"] / position["images"]
+    assert position["stderr"] == pytest.approx(math.sqrt(f * (1 - f) / 19))
+    assert categories["single_object"]["stderr"] == 0.0
 
 
 def test_text_perplexity_is_the_vocabulary_size_for_uniform_logits_and_one_for_certain_ones(tmp_path, monkeypatch):

@@ -92,6 +92,21 @@ def _tally(correct: int, images: int) -> dict:
     return {"accuracy": correct / images, "correct": correct, "images": images}
 
 
+def _mean_stderr(stderrs: list[float]) -> float:
+    """Standard error of the mean of independent estimates with these standard errors."""
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)
+
+
+def _prompt_stderr(per_prompt: list[dict]) -> float:
+    """Standard error of a category's accuracy over its prompts: images of one prompt are not
+    independent, so the spread is taken between prompts' accuracies (0 for a single prompt)."""
+    rates = [p["correct"] / p["images"] for p in per_prompt]
+    if len(rates) < 2:
+        return 0.0
+    mean = sum(rates) / len(rates)
+    return math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1) / len(rates))
+
+
 def evaluate_generation(
     model: Janus, per_category: int, k: int, seed: int = EVAL_SEED, cfg_weight: float | None = None, temperature: float | None = None,
     candidates: int = 1, rank_by: str = "likelihood",
@@ -119,13 +134,14 @@ def evaluate_generation(
                 by_axis.setdefault(RELATION_AXES[prompt.relation], Counter()).update(correct=correct, images=k)
         categories[category] = {
             **_tally(sum(p["correct"] for p in per_prompt), k * len(prompts)),
+            "stderr": _prompt_stderr(per_prompt),
             "failed_clauses": dict(sorted(failures.items())),  # images failing each kind of clause
             "prompts": per_prompt,
         }
         if by_axis:
             categories[category]["by_axis"] = {axis: _tally(c["correct"], c["images"]) for axis, c in sorted(by_axis.items())}
     overall = sum(c["accuracy"] for c in categories.values()) / len(categories)  # GenEval: mean over categories
-    return {"overall": overall, "categories": categories}
+    return {"overall": overall, "overall_stderr": _mean_stderr([c["stderr"] for c in categories.values()]), "categories": categories}
 
 
 # ---------------------------------------------------------------- understanding
@@ -180,11 +196,13 @@ def evaluate_understanding(model: Janus, per_type: int, seed: int = EVAL_SEED, p
     per_type_results = {}
     for kind, rows in vqa.items():
         correct = sum(normalise_answer(r["answer"]) == normalise_answer(r["expected"]) for r in rows)
-        per_type_results[kind] = {"accuracy": correct / len(rows), "questions": len(rows), "examples": rows[:3]}
+        accuracy = correct / len(rows)
+        per_type_results[kind] = {"accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / len(rows)), "questions": len(rows), "examples": rows[:3]}
     pope_results = {kind: pope_metrics(rows) for kind, rows in pope.items()}
     pope_results["all"] = pope_metrics([row for rows in pope.values() for row in rows])
     overall = sum(r["accuracy"] for r in per_type_results.values()) / len(per_type_results)
-    return {"vqa_overall": overall, "vqa": per_type_results, "pope": pope_results}
+    stderr = _mean_stderr([r["stderr"] for r in per_type_results.values()])
+    return {"vqa_overall": overall, "vqa_overall_stderr": stderr, "vqa": per_type_results, "pope": pope_results}
 
 
 def pope_metrics(rows: list[tuple[bool, str]]) -> dict:
@@ -281,10 +299,10 @@ def format_report(results: dict) -> str:
     for name, c in gen["categories"].items():
         lines.append(f"  {name:<14} {c['accuracy']:6.3f}  ({c['correct']}/{c['images']})")
         lines += [f"    {axis:<12} {a['accuracy']:6.3f}  ({a['correct']}/{a['images']})" for axis, a in c.get("by_axis", {}).items()]
-    lines += [f"  {'overall':<14} {gen['overall']:6.3f}", "", "understanding (exact match)"]
+    lines += [f"  {'overall':<14} {gen['overall']:6.3f}  (standard error {gen['overall_stderr']:.3f})", "", "understanding (exact match)"]
     for name, v in und["vqa"].items():
         lines.append(f"  {name:<14} {v['accuracy']:6.3f}  ({v['questions']} questions)")
-    lines += [f"  {'overall':<14} {und['vqa_overall']:6.3f}", "", f"  {'POPE':<14} {'acc':>6} {'f1':>6} {'yes':>6}"]
+    lines += [f"  {'overall':<14} {und['vqa_overall']:6.3f}  (standard error {und['vqa_overall_stderr']:.3f})", "", f"  {'POPE':<14} {'acc':>6} {'f1':>6} {'yes':>6}"]
     for name, p in und["pope"].items():
         lines.append(f"  {name:<14} {p['accuracy']:6.3f} {p['f1']:6.3f} {p['yes_ratio']:6.3f}")
     lines.append("")
