@@ -858,6 +858,7 @@ def write_count_questions(dataset_dir: str | Path, seed: int) -> Path:
     `count_conversations.jsonl` beside the set's images and returns its path."""
     out = Path(dataset_dir)
     rng = random.Random(seed)
+    keep = {0: COUNT_KEEP_ZERO, 1: COUNT_KEEP_ONE}
     lines = []
     with open(out / "scenes.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -868,7 +869,6 @@ def write_count_questions(dataset_dir: str | Path, seed: int) -> Path:
             subsets += [(how_many(f"{colour} objects"), n) for colour, n in colours.items()]
             subsets += [(how_many(plural(shape)), 0) for shape in SHAPES if shape not in shapes]
             subsets += [(how_many(f"{colour} objects"), 0) for colour in COLOURS if colour not in colours]
-            keep = {0: COUNT_KEEP_ZERO, 1: COUNT_KEEP_ONE}
             questions = [(how_many("objects"), len(objects))] + [(q, n) for q, n in subsets if n >= 2 or rng.random() < keep[n]]
             rng.shuffle(questions)
             turns = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 from collections import Counter
 
 import torch
@@ -101,10 +102,7 @@ def _prompt_stderr(per_prompt: list[dict]) -> float:
     """Standard error of a category's accuracy over its prompts: images of one prompt are not
     independent, so the spread is taken between prompts' accuracies (0 for a single prompt)."""
     rates = [p["correct"] / p["images"] for p in per_prompt]
-    if len(rates) < 2:
-        return 0.0
-    mean = sum(rates) / len(rates)
-    return math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1) / len(rates))
+    return statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else 0.0
 
 
 def evaluate_generation(
